@@ -1,0 +1,87 @@
+//! Autoregressive generation with the target and its KV cache, batched over rows of different
+//! lengths. Each row draws from its own seeded generator, so a row's output does not depend
+//! on which other rows share its batch.
+
+use crate::model::rope::Rope;
+use crate::model::{KvCache, LoadedTarget, LogitsFor, TargetModel};
+use crate::sampling::{sample, Rng, SamplingParams};
+use burn::tensor::backend::Backend;
+
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation of a row ends after it emits one of these (the stop token is kept).
+    pub stop_ids: Vec<u32>,
+}
+
+/// Last-position logits of each row, on the host.
+fn last_logits<B: Backend>(
+    model: &TargetModel<B>,
+    rope: &Rope,
+    tokens: &[Vec<Option<u32>>],
+    cache: &mut KvCache<B>,
+) -> Vec<Vec<f32>> {
+    let out = model.step(rope, tokens, cache, &[], LogitsFor::Last);
+    let logits = out.logits.expect("logits requested");
+    let [batch, _, vocab] = logits.dims();
+    let flat = logits
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 logits");
+    (0..batch)
+        .map(|b| flat[b * vocab..(b + 1) * vocab].to_vec())
+        .collect()
+}
+
+/// Generates a continuation for every prompt. `rngs[b]` drives row `b`; `on_token(b, id)` is
+/// called for each new token as it is produced. Returns the generated ids of each row.
+pub fn generate<B: Backend>(
+    target: &LoadedTarget<B>,
+    prompts: &[Vec<u32>],
+    params: &GenerateParams,
+    rngs: &mut [Rng],
+    mut on_token: impl FnMut(usize, u32),
+) -> Vec<Vec<u32>> {
+    assert_eq!(prompts.len(), rngs.len(), "one generator per prompt");
+    let batch = prompts.len();
+    let mut outputs = vec![Vec::new(); batch];
+    if batch == 0 || params.max_new_tokens == 0 {
+        return outputs;
+    }
+    let mut cache = KvCache::new(target.model.num_layers(), batch);
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let prefill: Vec<Vec<Option<u32>>> = prompts
+        .iter()
+        .map(|p| {
+            let mut row: Vec<Option<u32>> = p.iter().copied().map(Some).collect();
+            row.resize(width, None);
+            row
+        })
+        .collect();
+    let mut logits = last_logits(&target.model, &target.rope, &prefill, &mut cache);
+    let mut done = vec![false; batch];
+    loop {
+        let mut step = Vec::with_capacity(batch);
+        for b in 0..batch {
+            if done[b] {
+                step.push(vec![None]);
+                continue;
+            }
+            let token = sample(&logits[b], &params.sampling, &mut rngs[b]);
+            outputs[b].push(token);
+            on_token(b, token);
+            if params.stop_ids.contains(&token) || outputs[b].len() >= params.max_new_tokens {
+                done[b] = true;
+                step.push(vec![None]);
+            } else {
+                step.push(vec![Some(token)]);
+            }
+        }
+        if done.iter().all(|&d| d) {
+            return outputs;
+        }
+        logits = last_logits(&target.model, &target.rope, &step, &mut cache);
+    }
+}

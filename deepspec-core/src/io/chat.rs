@@ -1,0 +1,264 @@
+//! Chat templates (the model's own Jinja template, rendered with minijinja the way
+//! transformers renders it) and the assistant loss mask of the reference's data parser.
+
+use super::tokenizer::Tok;
+use minijinja::{context, Environment, Error, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// ChatML with SmolLM2's default system prompt: used when a model ships no template.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// How one family marks assistant turns, for the loss mask (the reference's descriptors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TurnFormat {
+    pub name: &'static str,
+    pub assistant_header: &'static str,
+    pub end_of_turn: &'static str,
+    /// Prepended to every assistant message and excluded from the loss (Gemma4).
+    pub assistant_loss_prefix: Option<&'static str>,
+    /// Inserted as the system message when a conversation has none.
+    pub default_system: Option<&'static str>,
+}
+
+impl TurnFormat {
+    /// Qwen (ChatML with the reference's default system prompt).
+    pub const QWEN: TurnFormat = TurnFormat {
+        name: "qwen",
+        assistant_header: "<|im_start|>assistant\n",
+        end_of_turn: "<|im_end|>\n",
+        assistant_loss_prefix: None,
+        default_system: Some("You are a helpful assistant."),
+    };
+    /// ChatML whose template supplies its own default system prompt (SmolLM2).
+    pub const CHATML: TurnFormat = TurnFormat {
+        name: "chatml",
+        assistant_header: "<|im_start|>assistant\n",
+        end_of_turn: "<|im_end|>\n",
+        assistant_loss_prefix: None,
+        default_system: None,
+    };
+    pub const GEMMA4: TurnFormat = TurnFormat {
+        name: "gemma4",
+        assistant_header: "<|turn>model\n",
+        end_of_turn: "<turn|>\n",
+        assistant_loss_prefix: Some("<|channel>thought\n<channel|>"),
+        default_system: None,
+    };
+    /// Gemma 2/3 turns.
+    pub const GEMMA: TurnFormat = TurnFormat {
+        name: "gemma",
+        assistant_header: "<start_of_turn>model\n",
+        end_of_turn: "<end_of_turn>\n",
+        assistant_loss_prefix: None,
+        default_system: None,
+    };
+
+    pub const ALL: [TurnFormat; 4] = [Self::QWEN, Self::CHATML, Self::GEMMA4, Self::GEMMA];
+
+    pub fn by_name(name: &str) -> Option<TurnFormat> {
+        Self::ALL.into_iter().find(|f| f.name == name)
+    }
+
+    /// Guesses the format from a template's text.
+    pub fn detect(template: &str) -> Option<TurnFormat> {
+        if template.contains("<|im_start|>") {
+            // Qwen templates carry the thinking block; SmolLM-style ChatML does not.
+            Some(if template.contains("<think>") {
+                Self::QWEN
+            } else {
+                Self::CHATML
+            })
+        } else if template.contains("<|turn>") {
+            Some(Self::GEMMA4)
+        } else if template.contains("<start_of_turn>") {
+            Some(Self::GEMMA)
+        } else {
+            None
+        }
+    }
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+    pub format: Option<TurnFormat>,
+}
+
+fn raise_exception(message: String) -> Result<String, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+impl ChatTemplate {
+    pub fn new(
+        source: &str,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<Self, Error> {
+        let mut env = Environment::new();
+        // transformers renders with trim_blocks and lstrip_blocks.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned("chat", source.to_string())?;
+        Ok(ChatTemplate {
+            env,
+            bos_token: bos_token.unwrap_or_default().to_string(),
+            eos_token: eos_token.unwrap_or_default().to_string(),
+            format: TurnFormat::detect(source),
+        })
+    }
+
+    /// The tokenizer's own template, or ChatML when the model ships none.
+    pub fn for_tokenizer(tok: &Tok) -> Result<Self, Error> {
+        let source = tok.chat_template.as_deref().unwrap_or(CHATML_TEMPLATE);
+        Self::new(source, tok.bos_token.as_deref(), tok.eos_token.as_deref())
+    }
+
+    /// Renders `messages`. `enable_thinking: Some(false)` is Qwen3's no-thinking mode; `None`
+    /// leaves the variable undefined, as the reference's training data path does.
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+    ) -> Result<String, Error> {
+        let template = self.env.get_template("chat")?;
+        match enable_thinking {
+            Some(thinking) => template.render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+                enable_thinking => thinking,
+            }),
+            None => template.render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            }),
+        }
+    }
+}
+
+/// Byte ranges of the trained text: each assistant turn's content through its end-of-turn
+/// string (or the end of the text), after any loss prefix.
+pub fn assistant_spans(text: &str, format: &TurnFormat) -> Vec<(usize, usize)> {
+    let mut spans = Vec::new();
+    let mut from = 0;
+    while let Some(found) = text[from..].find(format.assistant_header) {
+        let mut start = from + found + format.assistant_header.len();
+        let end = match text[start..].find(format.end_of_turn) {
+            Some(e) => start + e + format.end_of_turn.len(),
+            None => text.len(),
+        };
+        if let Some(prefix) = format.assistant_loss_prefix {
+            if text[start..end].starts_with(prefix) {
+                start += prefix.len();
+            }
+        }
+        spans.push((start, end));
+        from = end;
+    }
+    spans
+}
+
+/// A tokenized training conversation: ids and the 0/1 loss mask over them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenizedChat {
+    pub text: String,
+    pub input_ids: Vec<u32>,
+    pub loss_mask: Vec<u8>,
+}
+
+/// Renders and tokenizes a conversation the way the reference's parser does: system prompt
+/// rule, template without generation prompt, truncation to `max_length`, and the loss mask
+/// from the assistant spans mapped to tokens by tokenizing each span's prefix.
+pub fn tokenize_conversation(
+    tok: &Tok,
+    template: &ChatTemplate,
+    format: &TurnFormat,
+    messages: &[Message],
+    max_length: usize,
+) -> anyhow::Result<TokenizedChat> {
+    let mut conversation: Vec<Message> = Vec::with_capacity(messages.len() + 1);
+    let rest = match messages.first() {
+        Some(first) if first.role == "system" => {
+            conversation.push(first.clone());
+            &messages[1..]
+        }
+        _ => {
+            if let Some(system) = format.default_system {
+                conversation.push(Message::new("system", system));
+            }
+            messages
+        }
+    };
+    anyhow::ensure!(
+        rest.first().is_some_and(|m| m.role == "user"),
+        "a conversation must start with a user message (after an optional system message)"
+    );
+    for m in rest {
+        let mut m = m.clone();
+        if let (Some(prefix), "assistant") = (format.assistant_loss_prefix, m.role.as_str()) {
+            if !m.content.starts_with(prefix) {
+                m.content = format!("{prefix}{}", m.content);
+            }
+        }
+        conversation.push(m);
+    }
+    let text = template.render(&conversation, false, None)?;
+    let mut input_ids = tok.encode(&text)?;
+    input_ids.truncate(max_length);
+    let mut loss_mask = vec![0u8; input_ids.len()];
+    for (start, end) in assistant_spans(&text, format) {
+        let start_tok = tok.encode(&text[..start])?.len().min(input_ids.len());
+        let end_tok = tok.encode(&text[..end])?.len().min(input_ids.len());
+        if start_tok < end_tok {
+            loss_mask[start_tok..end_tok].fill(1);
+        }
+    }
+    Ok(TokenizedChat {
+        text,
+        input_ids,
+        loss_mask,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_cover_content_and_end_of_turn() {
+        let text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n<|im_start|>assistant\nopen";
+        let spans = assistant_spans(text, &TurnFormat::CHATML);
+        let pieces: Vec<&str> = spans.iter().map(|&(s, e)| &text[s..e]).collect();
+        assert_eq!(pieces, vec!["yo<|im_end|>\n", "open"]);
+    }
+
+    #[test]
+    fn gemma4_span_skips_loss_prefix() {
+        let text = "<|turn>model\n<|channel>thought\n<channel|>answer<turn|>\n";
+        let spans = assistant_spans(text, &TurnFormat::GEMMA4);
+        assert_eq!(&text[spans[0].0..spans[0].1], "answer<turn|>\n");
+    }
+}

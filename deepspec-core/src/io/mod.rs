@@ -1,0 +1,49 @@
+//! Reading (and writing) model files: safetensors in the Hugging Face layout, GGUF, tokenizers
+//! and chat templates.
+
+pub mod chat;
+pub mod gguf;
+pub mod safetensors;
+pub mod tokenizer;
+
+use crate::LoadError;
+use std::path::Path;
+
+/// A tensor read from disk into host memory, dequantized / widened to f32, row-major, with
+/// PyTorch's dimension order (for a Linear weight: `[out_features, in_features]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        HostTensor { shape, data }
+    }
+}
+
+/// Anything that hands out named f32 tensors: a safetensors checkpoint, a GGUF file.
+/// Names are Hugging Face checkpoint keys (`model.layers.3.self_attn.q_proj.weight`).
+pub trait WeightSource {
+    /// The file (or folder) the tensors come from, for error messages.
+    fn origin(&self) -> &Path;
+    fn contains(&self, name: &str) -> bool;
+    fn tensor(&self, name: &str) -> Result<HostTensor, LoadError>;
+    fn names(&self) -> Vec<String>;
+
+    /// Reads `name` and checks that its shape is `expected`.
+    fn tensor_shaped(&self, name: &str, expected: &[usize]) -> Result<HostTensor, LoadError> {
+        let tensor = self.tensor(name)?;
+        if tensor.shape != expected {
+            return Err(LoadError::ShapeMismatch {
+                path: self.origin().to_path_buf(),
+                tensor: name.to_string(),
+                found: tensor.shape,
+                expected: expected.to_vec(),
+            });
+        }
+        Ok(tensor)
+    }
+}

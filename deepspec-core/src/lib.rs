@@ -1,0 +1,14 @@
+//! What every deepspec stage shares: target models, weight loading (Hugging Face safetensors
+//! and GGUF), tokenizers and chat templates, sampling and generation.
+//!
+//! Everything numeric is generic over a burn [`Backend`](burn::tensor::backend::Backend); the
+//! backend and device are chosen once by the caller (the CLI) and passed down.
+
+pub mod backend;
+pub mod error;
+pub mod generate;
+pub mod io;
+pub mod model;
+pub mod sampling;
+
+pub use error::LoadError;

@@ -1,0 +1,55 @@
+//! Decoder-only target models (Qwen3 and Llama families) and the building blocks the drafters
+//! reuse: Linear with PyTorch weight layout, RMSNorm, rotary embeddings, grouped-query
+//! attention behind one seam function, SwiGLU MLP, and the KV cache.
+
+pub mod attention;
+pub mod config;
+pub mod kv_cache;
+pub mod linear;
+pub mod load;
+pub mod mlp;
+pub mod norm;
+pub mod rope;
+pub mod transformer;
+
+pub use config::{Family, TargetConfig};
+pub use kv_cache::KvCache;
+pub use load::{load_target, LoadedTarget};
+pub use transformer::{LogitsFor, TargetModel, TargetOutput};
+
+use crate::io::HostTensor;
+use burn::module::Param;
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+/// Moves a host tensor onto `device` as a trainable-or-frozen parameter of rank `D`.
+pub fn param_from_host<B: Backend, const D: usize>(
+    host: HostTensor,
+    device: &B::Device,
+) -> Param<Tensor<B, D>> {
+    Param::from_tensor(tensor_from_host(host, device))
+}
+
+/// Moves a host tensor onto `device` as a plain tensor of rank `D`.
+pub fn tensor_from_host<B: Backend, const D: usize>(
+    host: HostTensor,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    assert_eq!(
+        host.shape.len(),
+        D,
+        "tensor of shape {:?} loaded as rank {D}",
+        host.shape
+    );
+    Tensor::from_data(TensorData::new(host.data, host.shape), device)
+}
+
+/// Reads a tensor back to the host as f32 values.
+pub fn to_host<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> HostTensor {
+    let shape = tensor.dims().to_vec();
+    let data = tensor
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("float tensor converts to f32");
+    HostTensor::new(shape, data)
+}

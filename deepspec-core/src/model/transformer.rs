@@ -1,0 +1,214 @@
+//! The target decoder (Qwen3 / Llama): embedding, decoder layers, final norm, LM head, with
+//! taps on any decoder layer's output — exactly what the reference caches for drafters.
+
+use super::attention::SelfAttention;
+use super::config::TargetConfig;
+use super::kv_cache::KvCache;
+use super::linear::Linear;
+use super::mlp::Mlp;
+use super::norm::RmsNorm;
+use super::rope::Rope;
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: SelfAttention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+/// Which positions get LM-head logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Every position of the step: `[batch, seq, vocab]`.
+    All,
+    /// Only each row's last non-padding position: `[batch, 1, vocab]`.
+    Last,
+    /// No logits (feature extraction).
+    None,
+}
+
+pub struct TargetOutput<B: Backend> {
+    pub logits: Option<Tensor<B, 3>>,
+    /// Output of each requested decoder layer, in request order: `[batch, seq, hidden]`.
+    pub tapped: Vec<Tensor<B, 3>>,
+    /// Last layer's output after the final norm (the LM head's input): `[batch, seq, hidden]`.
+    pub final_hidden: Tensor<B, 3>,
+}
+
+#[derive(Module, Debug)]
+pub struct TargetModel<B: Backend> {
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when the head is tied to `embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+}
+
+impl<B: Backend> TargetModel<B> {
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Token embeddings `[batch, seq] -> [batch, seq, hidden]`.
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [batch, seq] = ids.dims();
+        let hidden = self.embed_tokens.dims()[1];
+        self.embed_tokens
+            .val()
+            .select(0, ids.reshape([batch * seq]))
+            .reshape([batch, seq, hidden])
+    }
+
+    /// LM head over hidden states `[batch, seq, hidden] -> [batch, seq, vocab]`.
+    pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [batch, seq, h] = hidden.dims();
+                let vocab = self.embed_tokens.dims()[0];
+                hidden
+                    .reshape([batch * seq, h])
+                    .matmul(self.embed_tokens.val().transpose())
+                    .reshape([batch, seq, vocab])
+            }
+        }
+    }
+
+    /// Runs one step over `tokens` (one row per batch row, padded with `None`), appending it to
+    /// `cache`. Row `b` continues at position `cache.len(b)`.
+    pub fn step(
+        &self,
+        rope: &Rope,
+        tokens: &[Vec<Option<u32>>],
+        cache: &mut KvCache<B>,
+        taps: &[usize],
+        logits: LogitsFor,
+    ) -> TargetOutput<B> {
+        let device = self.embed_tokens.device();
+        let batch = tokens.len();
+        let seq = tokens.first().map_or(0, Vec::len);
+        let mut positions = Vec::with_capacity(batch);
+        let mut ids = Vec::with_capacity(batch * seq);
+        for (b, row) in tokens.iter().enumerate() {
+            assert_eq!(row.len(), seq, "ragged step rows: pad with None");
+            let mut next = cache.len(b) as i64;
+            positions.push(
+                row.iter()
+                    .map(|t| match t {
+                        Some(_) => {
+                            next += 1;
+                            next - 1
+                        }
+                        None => -1,
+                    })
+                    .collect::<Vec<i64>>(),
+            );
+            ids.extend(row.iter().map(|t| t.unwrap_or(0) as i64));
+        }
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
+        self.forward(rope, ids, &positions, cache, taps, logits)
+    }
+
+    /// Full forward of right-padded rows (`real[b][s]` false for padding), as the reference's
+    /// target pass runs it: positions `0..len` per row, no cache kept.
+    pub fn forward_padded(
+        &self,
+        rope: &Rope,
+        ids: Tensor<B, 2, Int>,
+        real: &[Vec<bool>],
+        taps: &[usize],
+        logits: LogitsFor,
+    ) -> TargetOutput<B> {
+        let positions: Vec<Vec<i64>> = real
+            .iter()
+            .map(|row| {
+                let mut next = 0i64;
+                row.iter()
+                    .map(|&r| {
+                        if r {
+                            next += 1;
+                            next - 1
+                        } else {
+                            -1
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut cache = KvCache::new(self.num_layers(), real.len());
+        self.forward(rope, ids, &positions, &mut cache, taps, logits)
+    }
+
+    /// `ids: [batch, seq]` at `positions[b][s]` (-1 = padding, ignored as a key).
+    pub fn forward(
+        &self,
+        rope: &Rope,
+        ids: Tensor<B, 2, Int>,
+        positions: &[Vec<i64>],
+        cache: &mut KvCache<B>,
+        taps: &[usize],
+        logits: LogitsFor,
+    ) -> TargetOutput<B> {
+        let device = ids.device();
+        for &t in taps {
+            assert!(
+                t < self.num_layers(),
+                "tapped layer {t} does not exist (the model has {} layers)",
+                self.num_layers()
+            );
+        }
+        let (cos, sin) = rope.tables::<B>(positions, &device);
+        let visible = cache.begin_step(positions, &device);
+        let mut hidden = self.embed(ids);
+        let mut tapped: Vec<Option<Tensor<B, 3>>> = vec![None; taps.len()];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attn = layer.self_attn.forward(
+                layer.input_layernorm.forward(hidden.clone()),
+                &cos,
+                &sin,
+                &mut cache.layers[i],
+                visible.clone(),
+            );
+            hidden = hidden + attn;
+            hidden = hidden.clone()
+                + layer
+                    .mlp
+                    .forward(layer.post_attention_layernorm.forward(hidden));
+            for (slot, &t) in tapped.iter_mut().zip(taps) {
+                if t == i {
+                    *slot = Some(hidden.clone());
+                }
+            }
+        }
+        let final_hidden = self.norm.forward(hidden);
+        let logits = match logits {
+            LogitsFor::All => Some(self.head(final_hidden.clone())),
+            LogitsFor::Last => {
+                let [batch, _, h] = final_hidden.dims();
+                let last: Vec<i64> = positions
+                    .iter()
+                    .map(|row| row.iter().rposition(|&p| p >= 0).unwrap_or(0) as i64)
+                    .collect();
+                let index = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [batch]), &device)
+                    .reshape([batch, 1, 1])
+                    .expand([batch, 1, h]);
+                Some(self.head(final_hidden.clone().gather(1, index)))
+            }
+            LogitsFor::None => None,
+        };
+        TargetOutput {
+            logits,
+            tapped: tapped.into_iter().map(|t| t.expect("tap filled")).collect(),
+            final_hidden,
+        }
+    }
+}
+
+impl TargetConfig {
+    pub fn rope(&self) -> Rope {
+        Rope::new(self.rope_theta, self.head_dim)
+    }
+}

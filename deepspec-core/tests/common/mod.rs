@@ -1,0 +1,59 @@
+//! Shared test helpers: where the golden fixtures and the SmolLM2 model live.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The workspace root (this crate's parent folder).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The fixture folder: `DEEPSPEC_GOLDEN_DIR` (relative paths are taken from the workspace
+/// root), default `../shared/golden` beside the checkout.
+pub fn golden_dir() -> PathBuf {
+    let dir = match std::env::var_os("DEEPSPEC_GOLDEN_DIR") {
+        Some(d) => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                workspace_root().join(d)
+            }
+        }
+        None => workspace_root().join("../shared/golden"),
+    };
+    assert!(
+        dir.join("inputs.safetensors").exists(),
+        "golden fixtures not found in {} (set DEEPSPEC_GOLDEN_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+/// SmolLM2-135M-Instruct, fetched by `scripts/fetch-smollm2.sh`.
+pub fn smollm2() -> PathBuf {
+    let path = workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-smollm2.sh first",
+        path.display()
+    );
+    path
+}
+
+pub fn oracle_dir() -> PathBuf {
+    workspace_root().join("../shared/oracle/smollm2")
+}
+
+/// Largest absolute difference, with the index where it occurs.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let mut worst = (0.0f32, 0);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let d = (x - y).abs();
+        if d > worst.0 || d.is_nan() {
+            worst = (d, i);
+        }
+    }
+    worst
+}

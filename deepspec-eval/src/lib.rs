@@ -1,0 +1,1 @@
+//! Evaluation: the verifying speculative-decoding engine, benchmarks, metrics, reports.

@@ -1,0 +1,1 @@
+//! Training: anchors, losses, optimizer and schedule, checkpoints, logging, the trainer loop.

@@ -1,0 +1,45 @@
+//! `deepspec`: the command-line front end. Thin: parses arguments, picks the backend once, and
+//! hands over to the library crates.
+
+mod commands;
+mod device;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "deepspec",
+    version,
+    about = "Train and evaluate draft models for speculative decoding (Eagle3, DFlash, DSpark)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build a training cache: chat-template prompts, regenerate answers with the target, store
+    /// the tapped hidden states as Parquet shards.
+    Prepare(commands::pending::Pending),
+    /// Train an Eagle3, DFlash or DSpark drafter from a recipe on a prepared cache.
+    Train(commands::pending::Pending),
+    /// Measure accepted length with a verifying speculative-decoding loop on benchmark sets.
+    Eval(commands::pending::Pending),
+    /// Chat-template a prompt and stream the target model's reply.
+    Generate(commands::generate::GenerateArgs),
+    /// Benchmarks (throughput figures, not tests).
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Prepare(p) => p.fail("prepare", 4),
+        Command::Train(p) => p.fail("train", 5),
+        Command::Eval(p) => p.fail("eval", 6),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Bench(cmd) => commands::bench::run(cmd),
+    }
+}
