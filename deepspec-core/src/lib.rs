@@ -5,7 +5,9 @@
 //! backend and device are chosen once by the caller (the CLI) and passed down.
 
 pub mod backend;
+pub mod drafter;
 pub mod error;
+pub mod fixtures;
 pub mod generate;
 pub mod io;
 pub mod model;

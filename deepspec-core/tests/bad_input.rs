@@ -1,9 +1,7 @@
 //! Broken model files give one clear error naming the file and the tensor.
 
-mod common;
-
-use common::golden_dir;
 use deepspec_core::backend::Cpu;
+use deepspec_core::fixtures::golden_dir;
 use deepspec_core::io::gguf::GgufFile;
 use deepspec_core::io::safetensors::{write_f32, NamedTensor, SafetensorsCheckpoint};
 use deepspec_core::io::{HostTensor, WeightSource};

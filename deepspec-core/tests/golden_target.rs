@@ -1,11 +1,9 @@
 //! Parity of the target model with the reference's own outputs (golden `target/`).
 //! Every size comes from the fixture files.
 
-mod common;
-
 use burn::tensor::{Int, Tensor, TensorData};
-use common::{golden_dir, max_abs_diff};
 use deepspec_core::backend::Cpu;
+use deepspec_core::fixtures::{golden_dir, max_abs_diff};
 use deepspec_core::io::safetensors::SafetensorsFile;
 use deepspec_core::model::{load_target, to_host, KvCache, LogitsFor};
 

@@ -1,9 +1,7 @@
 //! The real small model: SmolLM2-135M-Instruct as a Q4_1 GGUF (scripts/fetch-smollm2.sh),
 //! checked against what llama.cpp gives on it (../shared/oracle/smollm2).
 
-mod common;
-
-use common::{oracle_dir, smollm2};
+use deepspec_core::fixtures::{oracle_dir, smollm2};
 use deepspec_core::io::chat::{tokenize_conversation, ChatTemplate, Message, TurnFormat};
 use deepspec_core::io::gguf::GgufFile;
 use deepspec_core::io::tokenizer::Tok;

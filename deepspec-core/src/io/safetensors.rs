@@ -352,22 +352,48 @@ pub struct NamedTensor<'a> {
     pub data: &'a [f32],
 }
 
-/// Writes F32 tensors as one safetensors file (the `safetensors` crate sorts them the way
-/// `save_pretrained` does) through a temporary file renamed into place, so a crash never
-/// leaves half a file.
-pub fn write_f32(
+/// Writes tensors as one safetensors file in `dtype` (F32, BF16 or F16; the `safetensors`
+/// crate sorts them the way `save_pretrained` does) through a temporary file renamed into
+/// place, so a crash never leaves half a file.
+pub fn write_tensors(
     path: &Path,
     tensors: &[NamedTensor<'_>],
+    dtype: Dtype,
     metadata: &BTreeMap<String, String>,
 ) -> Result<(), LoadError> {
     use safetensors::tensor::TensorView;
+    let st_dtype = match dtype {
+        Dtype::F32 => safetensors::Dtype::F32,
+        Dtype::BF16 => safetensors::Dtype::BF16,
+        Dtype::F16 => safetensors::Dtype::F16,
+        other => {
+            return Err(LoadError::UnsupportedDtype {
+                path: path.to_path_buf(),
+                tensor: "*".into(),
+                dtype: other.name().into(),
+                supported: "F32, BF16, F16 for writing".into(),
+            })
+        }
+    };
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
-        .map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .map(|t| match dtype {
+            Dtype::BF16 => t
+                .data
+                .iter()
+                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                .collect(),
+            Dtype::F16 => t
+                .data
+                .iter()
+                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                .collect(),
+            _ => t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        })
         .collect();
     let mut views = Vec::with_capacity(tensors.len());
     for (t, b) in tensors.iter().zip(&bytes) {
-        let view = TensorView::new(safetensors::Dtype::F32, t.shape.to_vec(), b)
+        let view = TensorView::new(st_dtype, t.shape.to_vec(), b)
             .map_err(|e| LoadError::corrupt(path, format!("tensor `{}`: {e}", t.name)))?;
         views.push((t.name.to_string(), view));
     }
@@ -377,4 +403,13 @@ pub fn write_f32(
     let tmp = path.with_extension("safetensors.tmp");
     std::fs::write(&tmp, &out).map_err(|e| LoadError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| LoadError::io(path, e))
+}
+
+/// [`write_tensors`] in F32.
+pub fn write_f32(
+    path: &Path,
+    tensors: &[NamedTensor<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), LoadError> {
+    write_tensors(path, tensors, Dtype::F32, metadata)
 }

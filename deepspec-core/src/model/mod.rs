@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod embedding;
 pub mod kv_cache;
 pub mod linear;
 pub mod load;

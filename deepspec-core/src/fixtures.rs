@@ -1,15 +1,16 @@
-//! Shared test helpers: where the golden fixtures and the SmolLM2 model live.
-#![allow(dead_code)]
+//! Where tests find the reference's golden fixtures and the SmolLM2 model. Lives in the
+//! library (not in one crate's `tests/`) so every crate's tests resolve them the same way.
 
 use std::path::PathBuf;
 
-/// The workspace root (this crate's parent folder).
+/// The workspace root (the folder holding the top-level `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The fixture folder: `DEEPSPEC_GOLDEN_DIR` (relative paths are taken from the workspace
-/// root), default `../shared/golden` beside the checkout.
+/// The golden fixture folder: `DEEPSPEC_GOLDEN_DIR` (relative paths are taken from the
+/// workspace root), default `../shared/golden` beside the checkout. Panics with a clear
+/// message when the fixtures are not there.
 pub fn golden_dir() -> PathBuf {
     let dir = match std::env::var_os("DEEPSPEC_GOLDEN_DIR") {
         Some(d) => {
@@ -41,11 +42,12 @@ pub fn smollm2() -> PathBuf {
     path
 }
 
+/// llama.cpp's outputs on SmolLM2 (`../shared/oracle/smollm2`).
 pub fn oracle_dir() -> PathBuf {
     workspace_root().join("../shared/oracle/smollm2")
 }
 
-/// Largest absolute difference, with the index where it occurs.
+/// Largest absolute difference between two slices, with its index.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
     assert_eq!(a.len(), b.len(), "length mismatch");
     let mut worst = (0.0f32, 0);

@@ -1,0 +1,245 @@
+//! A drafter's `config.json`: the target's config deep-copied and extended with the drafter's
+//! fields (DEEPSPEC-SPEC §4.7). The whole JSON object is kept so a save writes back exactly
+//! what was read; typed accessors validate what the model needs.
+
+use crate::model::config::TargetConfig;
+use crate::LoadError;
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// `Qwen3DSparkModel` with a Markov head and/or confidence head.
+    DSpark,
+    /// `Qwen3DSparkModel` with `markov_rank = 0` and no confidence head.
+    DFlash,
+    /// `Qwen3Eagle3Model`.
+    Eagle3,
+}
+
+impl Algorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::DSpark => "dspark",
+            Algorithm::DFlash => "dflash",
+            Algorithm::Eagle3 => "eagle3",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkovKind {
+    Vanilla,
+    Gated,
+    Rnn,
+}
+
+#[derive(Debug, Clone)]
+pub struct DrafterConfig {
+    pub path: PathBuf,
+    pub json: Map<String, Value>,
+    pub algorithm: Algorithm,
+    /// The architecture fields shared with the target (sizes, rope, eps).
+    pub base: TargetConfig,
+    pub target_layer_ids: Vec<i64>,
+    pub num_target_layers: usize,
+    /// DSpark/DFlash block size (Eagle3: the TTT length).
+    pub block_size: usize,
+    pub mask_token_id: Option<u32>,
+    pub num_anchors: usize,
+    pub markov_rank: usize,
+    pub markov_kind: MarkovKind,
+    pub confidence_head: bool,
+    pub confidence_with_markov: bool,
+    pub step_loss_decay: f64,
+    /// `dtype` of the stored tensors ("float32" or "bfloat16").
+    pub dtype: String,
+}
+
+impl DrafterConfig {
+    pub fn from_file(path: &Path) -> Result<Self, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| LoadError::corrupt(path, format!("not valid JSON: {e}")))?;
+        Self::from_json(path, json)
+    }
+
+    pub fn from_json(path: &Path, json: Value) -> Result<Self, LoadError> {
+        let obj = json
+            .as_object()
+            .ok_or_else(|| LoadError::corrupt(path, "config is not a JSON object"))?
+            .clone();
+        let field = |key: &str, detail: &str| LoadError::field(path, key, detail.to_string());
+        let arch = obj
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                field(
+                    "architectures",
+                    "missing; expected [\"Qwen3DSparkModel\"] or [\"Qwen3Eagle3Model\"]",
+                )
+            })?
+            .to_string();
+        let uint = |key: &str, default: Option<u64>| -> Result<u64, LoadError> {
+            match obj.get(key) {
+                Some(v) => v
+                    .as_u64()
+                    .ok_or_else(|| field(key, "is not an unsigned integer")),
+                None => default.ok_or_else(|| field(key, "is missing")),
+            }
+        };
+        let target_layer_ids: Vec<i64> = obj
+            .get("target_layer_ids")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_i64).collect())
+            .ok_or_else(|| field("target_layer_ids", "missing or not a list of integers"))?;
+        let base = TargetConfig::from_hf_value(path, &json)?;
+        let num_target_layers = uint("num_target_layers", None)? as usize;
+        for pair in target_layer_ids.windows(2) {
+            if pair[0] >= pair[1] {
+                return Err(field("target_layer_ids", "must be strictly increasing"));
+            }
+        }
+        if let Some(&bad) = target_layer_ids
+            .iter()
+            .find(|&&l| l < -1 || l >= num_target_layers as i64)
+        {
+            return Err(field(
+                "target_layer_ids",
+                &format!("layer {bad} is outside the target's {num_target_layers} layers"),
+            ));
+        }
+        let dtype = obj
+            .get("dtype")
+            .or(obj.get("torch_dtype"))
+            .and_then(Value::as_str)
+            .unwrap_or("bfloat16")
+            .to_string();
+        let mut config = DrafterConfig {
+            path: path.to_path_buf(),
+            algorithm: Algorithm::DFlash,
+            base,
+            target_layer_ids,
+            num_target_layers,
+            block_size: 0,
+            mask_token_id: None,
+            num_anchors: 0,
+            markov_rank: 0,
+            markov_kind: MarkovKind::Vanilla,
+            confidence_head: false,
+            confidence_with_markov: false,
+            step_loss_decay: 0.8,
+            dtype,
+            json: obj.clone(),
+        };
+        match arch.as_str() {
+            "Qwen3DSparkModel" => {
+                config.block_size = uint("block_size", None)? as usize;
+                config.mask_token_id = Some(uint("mask_token_id", None)? as u32);
+                config.num_anchors = uint("num_anchors", Some(512))? as usize;
+                config.markov_rank = uint("markov_rank", Some(0))? as usize;
+                config.confidence_head = obj
+                    .get("enable_confidence_head")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                config.confidence_with_markov = config.confidence_head
+                    && obj
+                        .get("confidence_head_with_markov")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(true);
+                if config.markov_rank > 0 {
+                    let kind = obj
+                        .get("markov_head_type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("vanilla")
+                        .to_ascii_lowercase();
+                    config.markov_kind = match kind.as_str() {
+                        "vanilla" => MarkovKind::Vanilla,
+                        "gated" => MarkovKind::Gated,
+                        "rnn" => MarkovKind::Rnn,
+                        other => {
+                            return Err(field(
+                                "markov_head_type",
+                                &format!("`{other}` is not one of vanilla, gated, rnn"),
+                            ))
+                        }
+                    };
+                }
+                if config.confidence_with_markov && config.markov_rank == 0 {
+                    return Err(field(
+                        "confidence_head_with_markov",
+                        "needs a Markov head (markov_rank > 0)",
+                    ));
+                }
+                config.algorithm = if config.markov_rank > 0 || config.confidence_head {
+                    Algorithm::DSpark
+                } else {
+                    Algorithm::DFlash
+                };
+            }
+            "Qwen3Eagle3Model" | "Eagle3DraftModel" => {
+                config.algorithm = Algorithm::Eagle3;
+                config.block_size = uint("ttt_length", Some(7))? as usize;
+                config.step_loss_decay = obj
+                    .get("step_loss_decay")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.8);
+                if config.base.num_hidden_layers != 1 {
+                    return Err(field(
+                        "num_hidden_layers",
+                        "Eagle3 drafters have exactly 1 layer",
+                    ));
+                }
+            }
+            other => {
+                return Err(field(
+                    "architectures",
+                    &format!("`{other}` is not supported (Qwen3DSparkModel, Qwen3Eagle3Model)"),
+                ))
+            }
+        }
+        Ok(config)
+    }
+
+    /// Width of the concatenated tapped features: `len(target_layer_ids) * hidden_size`.
+    pub fn context_width(&self) -> usize {
+        self.target_layer_ids.len() * self.base.hidden_size
+    }
+
+    /// Checks that this drafter was made for `target` (hidden size, vocabulary, layer count).
+    pub fn check_target(&self, target: &TargetConfig, target_path: &Path) -> Result<(), LoadError> {
+        let mismatch = |what: &str, ours: usize, theirs: usize| {
+            LoadError::field(
+                &self.path,
+                what,
+                format!(
+                    "the drafter has {what} = {ours} but the target {} has {theirs}; this drafter was trained for another target",
+                    target_path.display()
+                ),
+            )
+        };
+        if self.base.hidden_size != target.hidden_size {
+            return Err(mismatch(
+                "hidden_size",
+                self.base.hidden_size,
+                target.hidden_size,
+            ));
+        }
+        if self.base.vocab_size != target.vocab_size {
+            return Err(mismatch(
+                "vocab_size",
+                self.base.vocab_size,
+                target.vocab_size,
+            ));
+        }
+        if self.num_target_layers != target.num_hidden_layers {
+            return Err(mismatch(
+                "num_target_layers",
+                self.num_target_layers,
+                target.num_hidden_layers,
+            ));
+        }
+        Ok(())
+    }
+}

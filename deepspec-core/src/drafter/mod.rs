@@ -1,0 +1,214 @@
+//! Draft models: DSpark / DFlash (parallel block drafter) and Eagle3 (autoregressive), loaded
+//! from and saved to the reference's checkpoint layout (`config.json` + `model.safetensors`,
+//! keys without prefix). Module field names mirror the checkpoint keys, so the key of every
+//! parameter is its path in the module tree.
+
+pub mod config;
+pub mod dspark;
+pub mod eagle3;
+pub mod heads;
+
+pub use config::{Algorithm, DrafterConfig, MarkovKind};
+pub use dspark::DSparkModel;
+pub use eagle3::Eagle3Model;
+
+use crate::io::safetensors::{write_tensors, Dtype, NamedTensor, SafetensorsCheckpoint};
+use crate::io::{HostTensor, WeightSource};
+use crate::model::linear::Linear;
+use crate::model::norm::RmsNorm;
+use crate::model::{param_from_host, to_host};
+use crate::LoadError;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::{backend::Backend, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Marks a parameter as frozen (no gradient; excluded from the optimizer).
+pub(crate) fn frozen<B: Backend, const D: usize>(
+    param: Param<Tensor<B, D>>,
+) -> Param<Tensor<B, D>> {
+    param.set_require_grad(false)
+}
+
+pub(crate) fn linear_from<B: Backend>(
+    src: &dyn WeightSource,
+    prefix: &str,
+    out_features: usize,
+    in_features: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<Linear<B>, LoadError> {
+    let weight = src.tensor_shaped(&format!("{prefix}.weight"), &[out_features, in_features])?;
+    let bias = if bias {
+        Some(param_from_host(
+            src.tensor_shaped(&format!("{prefix}.bias"), &[out_features])?,
+            device,
+        ))
+    } else {
+        None
+    };
+    Ok(Linear::new(param_from_host(weight, device), bias))
+}
+
+pub(crate) fn norm_from<B: Backend>(
+    src: &dyn WeightSource,
+    name: &str,
+    dim: usize,
+    eps: f64,
+    device: &B::Device,
+) -> Result<RmsNorm<B>, LoadError> {
+    Ok(RmsNorm::new(
+        param_from_host(src.tensor_shaped(name, &[dim])?, device),
+        eps,
+    ))
+}
+
+/// A loaded drafter of either family.
+// One value per loaded checkpoint: the size gap between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Drafter<B: Backend> {
+    DSpark(DSparkModel<B>),
+    Eagle3(Eagle3Model<B>),
+}
+
+/// Every float parameter of a module with its checkpoint key (its module path).
+pub struct NamedParam<B: Backend> {
+    pub name: String,
+    pub id: ParamId,
+    pub shape: Vec<usize>,
+    pub tensor: Tensor<B, 1>,
+}
+
+struct Collector<B: Backend> {
+    params: Vec<NamedParam<B>>,
+    only_trainable: bool,
+    /// Field names from the root down to the current module.
+    path: Vec<String>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Collector<B> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let tensor = param.val();
+        if self.only_trainable && !tensor.is_require_grad() {
+            return;
+        }
+        let shape = tensor.dims().to_vec();
+        let n: usize = shape.iter().product();
+        self.params.push(NamedParam {
+            name: checkpoint_key(&self.path),
+            id: param.id,
+            shape,
+            tensor: tensor.reshape([n]),
+        });
+    }
+}
+
+/// Joins a module path into a checkpoint key, dropping the enum variant a [`Drafter`] wraps
+/// its model in.
+fn checkpoint_key(path: &[String]) -> String {
+    path.iter()
+        .filter(|p| p.as_str() != "DSpark" && p.as_str() != "Eagle3")
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// All float parameters (`trainable_only`: those that require a gradient), with their keys.
+pub fn named_params<B: Backend, M: Module<B>>(
+    module: &M,
+    trainable_only: bool,
+) -> Vec<NamedParam<B>> {
+    let mut collector = Collector {
+        params: Vec::new(),
+        only_trainable: trainable_only,
+        path: Vec::new(),
+    };
+    module.visit(&mut collector);
+    collector.params
+}
+
+/// The checkpoint's tensors on the host, keyed like the reference's `model.safetensors`.
+pub fn state_dict<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, HostTensor> {
+    named_params(module, false)
+        .into_iter()
+        .map(|p| {
+            let host = to_host(p.tensor);
+            (p.name, HostTensor::new(p.shape, host.data))
+        })
+        .collect()
+}
+
+impl<B: Backend> Drafter<B> {
+    /// Loads `dir/config.json` + `dir/model.safetensors` (or sharded safetensors).
+    pub fn load(dir: &Path, device: &B::Device) -> Result<(Self, DrafterConfig), LoadError> {
+        let config = DrafterConfig::from_file(&dir.join("config.json"))?;
+        let src = SafetensorsCheckpoint::open_dir(dir)?;
+        let drafter = match config.algorithm {
+            Algorithm::DSpark | Algorithm::DFlash => {
+                Drafter::DSpark(DSparkModel::load(&src, &config, device)?)
+            }
+            Algorithm::Eagle3 => Drafter::Eagle3(Eagle3Model::load(&src, &config, device)?),
+        };
+        let expected: usize = named_params(&drafter, false).len();
+        let stored = src.names().len();
+        if stored != expected {
+            let known: Vec<String> = state_dict_names(&drafter);
+            let extra: Vec<String> = src
+                .names()
+                .into_iter()
+                .filter(|n| !known.contains(n))
+                .collect();
+            return Err(LoadError::field(
+                dir.join("model.safetensors"),
+                extra.first().cloned().unwrap_or_default(),
+                format!(
+                    "the checkpoint holds {stored} tensors but config.json describes {expected}; unexpected: {extra:?} (does config.json match the weights?)"
+                ),
+            ));
+        }
+        Ok((drafter, config))
+    }
+
+    /// Writes `dir/config.json` and `dir/model.safetensors` in the dtype the config names,
+    /// with `{"format": "pt"}` metadata, as the reference's `save_pretrained` does.
+    pub fn save(&self, dir: &Path, config: &DrafterConfig) -> Result<(), LoadError> {
+        std::fs::create_dir_all(dir).map_err(|e| LoadError::io(dir, e))?;
+        let tensors = state_dict(self);
+        let named: Vec<NamedTensor> = tensors
+            .iter()
+            .map(|(name, t)| NamedTensor {
+                name,
+                shape: &t.shape,
+                data: &t.data,
+            })
+            .collect();
+        let dtype = match config.dtype.as_str() {
+            "float32" => Dtype::F32,
+            "float16" => Dtype::F16,
+            _ => Dtype::BF16,
+        };
+        let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        write_tensors(&dir.join("model.safetensors"), &named, dtype, &metadata)?;
+        let config_path = dir.join("config.json");
+        let tmp = dir.join("config.json.tmp");
+        let text = serde_json::to_string_pretty(&config.json).expect("config serializes");
+        std::fs::write(&tmp, text + "\n").map_err(|e| LoadError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &config_path).map_err(|e| LoadError::io(&config_path, e))
+    }
+}
+
+fn state_dict_names<B: Backend>(drafter: &Drafter<B>) -> Vec<String> {
+    named_params(drafter, false)
+        .into_iter()
+        .map(|p| p.name)
+        .collect()
+}
