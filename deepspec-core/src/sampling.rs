@@ -32,6 +32,32 @@ impl Rng {
     }
 }
 
+/// Where decoding draws its randomness: a seeded [`Rng`] normally, a replay of recorded
+/// draws in tests. Decoding calls these in a fixed order, so a recording can be replayed.
+pub trait Sampler {
+    /// A uniform in `[0, 1)` (the acceptance test).
+    fn uniform(&mut self) -> f64;
+    /// A token drawn from `probs` (non-negative, not necessarily normalised).
+    fn sample(&mut self, probs: &[f64]) -> u32 {
+        let u = self.uniform();
+        let total: f64 = probs.iter().sum();
+        let mut target = u * total;
+        for (i, &w) in probs.iter().enumerate() {
+            if target < w {
+                return i as u32;
+            }
+            target -= w;
+        }
+        probs.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32
+    }
+}
+
+impl Sampler for Rng {
+    fn uniform(&mut self) -> f64 {
+        Rng::uniform(self)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     /// 0 means greedy.

@@ -1,1 +1,6 @@
-//! Evaluation: the verifying speculative-decoding engine, benchmarks, metrics, reports.
+//! Evaluation: the verifying speculative-decoding engine (target KV cache, draft proposals,
+//! rejection sampling, bonus token) and its per-round trace.
+
+pub mod engine;
+pub mod proposer;
+pub mod verify;

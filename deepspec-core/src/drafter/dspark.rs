@@ -281,3 +281,77 @@ fn decoder_layer<B: Backend>(
         },
     })
 }
+
+/// The drafter's cache at inference: keys/values of the context positions already fed (per
+/// layer, `[b, kv_heads, len, head_dim]`, keys normed and rotated).
+#[derive(Debug, Clone, Default)]
+pub struct ContextCache<B: Backend> {
+    pub layers: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
+    pub len: usize,
+}
+
+impl<B: Backend> DSparkModel<B> {
+    /// Appends context features `ctx_raw [1, m, n_t*H]` at positions `cache.len..+m`.
+    /// Context keys depend only on `hidden_norm(fc(ctx))`, never on the block, so feeding
+    /// them ahead of a block is the reference's single combined forward.
+    pub fn extend_context(&self, rope: &Rope, cache: &mut ContextCache<B>, ctx_raw: Tensor<B, 3>) {
+        let [batch, m, _] = ctx_raw.dims();
+        if m == 0 {
+            return;
+        }
+        let positions: Vec<Vec<i64>> = (0..batch)
+            .map(|_| (cache.len..cache.len + m).map(|p| p as i64).collect())
+            .collect();
+        let (cos, sin) = rope.tables::<B>(&positions, &ctx_raw.device());
+        let context = self.context(ctx_raw);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (k, v) = layer.self_attn.keys_values(context.clone(), &cos, &sin);
+            if let Some((ck, cv)) = cache.layers.get_mut(i) {
+                *ck = Tensor::cat(vec![ck.clone(), k], 2);
+                *cv = Tensor::cat(vec![cv.clone(), v], 2);
+            } else {
+                cache.layers.push((k, v));
+            }
+        }
+        cache.len += m;
+    }
+
+    /// One block `block_tokens [b, B]` at positions `first..first+B`, attending to every cached
+    /// context key and to all its own slots. The cache is not changed. Returns `[b, B, H]`.
+    pub fn block_with_cache(
+        &self,
+        rope: &Rope,
+        cache: &ContextCache<B>,
+        block_tokens: Tensor<B, 2, Int>,
+        first: usize,
+    ) -> Tensor<B, 3> {
+        let device = block_tokens.device();
+        let [batch, slots] = block_tokens.dims();
+        let positions: Vec<Vec<i64>> = (0..batch)
+            .map(|_| (first..first + slots).map(|p| p as i64).collect())
+            .collect();
+        let (cos, sin) = rope.tables::<B>(&positions, &device);
+        let visible = Tensor::<B, 4, Bool>::from_data(
+            burn::tensor::TensorData::new(
+                vec![true; batch * slots * (cache.len + slots)],
+                [batch, 1, slots, cache.len + slots],
+            ),
+            &device,
+        );
+        let mut h = self.embed_tokens.forward(block_tokens);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attn = &layer.self_attn;
+            let a = layer.input_layernorm.forward(h.clone());
+            let q = attn.queries(a.clone(), &cos, &sin);
+            let (mut k, mut v) = attn.keys_values(a, &cos, &sin);
+            if let Some((ck, cv)) = cache.layers.get(i) {
+                k = Tensor::cat(vec![ck.clone(), k], 2);
+                v = Tensor::cat(vec![cv.clone(), v], 2);
+            }
+            let o = attention(q, k, v, visible.clone(), (attn.head_dim as f64).powf(-0.5));
+            h = h + attn.output(o);
+            h = h.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(h));
+        }
+        self.norm.forward(h)
+    }
+}

@@ -254,3 +254,74 @@ fn ttt_visibility<B: Backend>(
     }
     Tensor::from_data(TensorData::new(visible, [lens.len(), 1, len, keys]), device)
 }
+
+/// The Eagle3 layer's keys/values at inference: `[1, kv_heads, len, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct Eagle3Cache<B: Backend> {
+    pub kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    pub len: usize,
+}
+
+impl<B: Backend> Eagle3Cache<B> {
+    pub fn truncate(&mut self, len: usize) {
+        if let Some((k, v)) = self.kv.take() {
+            if len > 0 {
+                self.kv = Some((k.narrow(2, 0, len), v.narrow(2, 0, len)));
+            }
+        }
+        self.len = len;
+    }
+}
+
+impl<B: Backend> Eagle3Model<B> {
+    /// Runs the layer on hidden inputs `h [1, m, H or n_t*H]` (fc applied when it is raw
+    /// target features) paired with `tokens [m]` at `positions`, appending to `cache`.
+    /// `causal`: new queries see earlier new keys only; otherwise every new key. Returns the
+    /// pre-norm outputs `[1, m, H]`.
+    pub fn step_with_cache(
+        &self,
+        rope: &Rope,
+        cache: &mut Eagle3Cache<B>,
+        h: Tensor<B, 3>,
+        tokens: &[u32],
+        first_position: usize,
+        causal: bool,
+    ) -> Tensor<B, 3> {
+        let device = h.device();
+        let m = tokens.len();
+        let h = if h.dims()[2] == self.fc.in_features() {
+            self.fc.forward(h)
+        } else {
+            h
+        };
+        let layer = &self.layers[0];
+        let attn = &layer.self_attn;
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, m]),
+            &device,
+        );
+        let positions = vec![(first_position..first_position + m)
+            .map(|p| p as i64)
+            .collect::<Vec<_>>()];
+        let (cos, sin) = rope.tables::<B>(&positions, &device);
+        let x = layer.input(self.embed_tokens.forward(ids), h.clone());
+        let q = attn.queries(x.clone(), &cos, &sin);
+        let (k, v) = attn.keys_values(x, &cos, &sin);
+        let (k, v) = match cache.kv.take() {
+            Some((ck, cv)) => (Tensor::cat(vec![ck, k], 2), Tensor::cat(vec![cv, v], 2)),
+            None => (k, v),
+        };
+        let past = cache.len;
+        cache.kv = Some((k.clone(), v.clone()));
+        cache.len += m;
+        let visible: Vec<bool> = (0..m)
+            .flat_map(|i| (0..past + m).map(move |j| !causal || j < past || j - past <= i))
+            .collect();
+        let visible = Tensor::<B, 4, burn::tensor::Bool>::from_data(
+            TensorData::new(visible, [1, 1, m, past + m]),
+            &device,
+        );
+        let o = attention(q, k, v, visible, (attn.head_dim as f64).powf(-0.5));
+        layer.finish(h, o)
+    }
+}

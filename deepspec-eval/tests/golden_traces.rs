@@ -1,0 +1,246 @@
+//! The reference's decoding traces (golden `<algo>/eval_traces.json`): greedy runs reproduced
+//! exactly, temperature-1 runs replayed with the recorded draws.
+
+use burn::backend::Flex;
+use deepspec_core::drafter::Drafter;
+use deepspec_core::fixtures::golden_dir;
+use deepspec_core::model::{load_target, LoadedTarget};
+use deepspec_core::sampling::{Rng, Sampler};
+use deepspec_eval::engine::{decode, DecodeParams, DecodeTrace};
+use deepspec_eval::proposer::{DSparkProposer, Eagle3Proposer, Proposer};
+use serde_json::Value;
+use std::collections::VecDeque;
+
+type B = Flex;
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn usizes(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
+/// Replays a recorded run: every token draw returns the recorded token, every uniform the
+/// recorded `u`; the probabilities our models give those tokens are kept for comparison.
+struct Replay {
+    tokens: VecDeque<u32>,
+    uniforms: VecDeque<f64>,
+}
+
+impl Sampler for Replay {
+    fn uniform(&mut self) -> f64 {
+        self.uniforms
+            .pop_front()
+            .expect("more uniforms drawn than recorded")
+    }
+    fn sample(&mut self, _probs: &[f64]) -> u32 {
+        self.tokens
+            .pop_front()
+            .expect("more tokens drawn than recorded")
+    }
+}
+
+fn run_decode(
+    target: &LoadedTarget<B>,
+    drafter: &Drafter<B>,
+    config: &deepspec_core::drafter::DrafterConfig,
+    run: &Value,
+    prompt: &Value,
+    sampler: &mut dyn Sampler,
+) -> DecodeTrace {
+    let params = DecodeParams {
+        max_new_tokens: run["max_new_tokens"].as_u64().unwrap() as usize,
+        temperature: run["temperature"].as_f64().unwrap() as f32,
+        confidence_threshold: run["confidence_threshold"].as_f64().unwrap_or(0.0),
+        stop_ids: run["stop_token_ids"]
+            .as_array()
+            .map(|_| ids(&run["stop_token_ids"]))
+            .unwrap_or_default(),
+        target_layer_ids: config
+            .target_layer_ids
+            .iter()
+            .map(|&l| l as usize)
+            .collect(),
+    };
+    let rope = config.base.rope();
+    let mut proposer: Box<dyn Proposer<B>> = match drafter {
+        Drafter::DSpark(m) => Box::new(DSparkProposer::new(
+            m,
+            rope,
+            config.block_size,
+            config.mask_token_id.unwrap(),
+        )),
+        Drafter::Eagle3(m) => Box::new(Eagle3Proposer::new(m, rope, config.block_size)),
+    };
+
+    decode(
+        target,
+        proposer.as_mut(),
+        &ids(&prompt["prompt_ids"]),
+        &params,
+        sampler,
+    )
+}
+
+fn check_greedy_runs(algo: &str) {
+    let golden = golden_dir();
+    let target = load_target::<B>(&golden.join("target"), &Default::default()).unwrap();
+    let (drafter, config) = Drafter::<B>::load(&golden.join(algo), &Default::default()).unwrap();
+    let traces: Value = serde_json::from_str(
+        &std::fs::read_to_string(golden.join(algo).join("eval_traces.json")).unwrap(),
+    )
+    .unwrap();
+    let mut runs = 0;
+    for (name, run) in traces.as_object().unwrap() {
+        if run["temperature"].as_f64().unwrap() != 0.0 {
+            continue;
+        }
+        runs += 1;
+        for prompt in run["prompts"].as_array().unwrap() {
+            let mut rng = Rng::new(prompt["seed"].as_u64().unwrap());
+            let trace = run_decode(&target, &drafter, &config, run, prompt, &mut rng);
+            for (i, (ours, theirs)) in trace
+                .rounds
+                .iter()
+                .zip(prompt["rounds"].as_array().unwrap())
+                .enumerate()
+            {
+                assert_eq!(
+                    ours.start,
+                    theirs["start"].as_u64().unwrap() as usize,
+                    "{algo}/{name} round {i}: start"
+                );
+                assert_eq!(
+                    ours.verify_input_ids,
+                    ids(&theirs["verify_input_ids"]),
+                    "{algo}/{name} round {i}: proposal"
+                );
+                if let Some(conf) = theirs["confidence_logits"].as_array() {
+                    for (a, b) in ours.confidence_logits.iter().zip(conf) {
+                        assert!(
+                            (*a as f64 - b.as_f64().unwrap()).abs() < 1e-4,
+                            "{algo}/{name} round {i}: confidence logit {a} vs {b}"
+                        );
+                    }
+                }
+            }
+            assert_eq!(
+                trace.output_ids,
+                ids(&prompt["output_ids"]),
+                "{algo}/{name}: output ids"
+            );
+            assert_eq!(
+                trace.acceptance_lengths(),
+                usizes(&prompt["acceptance_lengths"]),
+                "{algo}/{name}: acceptance lengths"
+            );
+            let proposal_lengths: Vec<usize> = trace
+                .rounds
+                .iter()
+                .map(|r| r.effective_proposal_length)
+                .collect();
+            assert_eq!(
+                proposal_lengths,
+                usizes(&prompt["proposal_lengths"]),
+                "{algo}/{name}: proposal lengths"
+            );
+        }
+    }
+    assert!(runs >= 2, "{algo}: expected greedy runs in the traces");
+}
+
+fn check_temperature_replay(algo: &str) {
+    let golden = golden_dir();
+    let target = load_target::<B>(&golden.join("target"), &Default::default()).unwrap();
+    let (drafter, config) = Drafter::<B>::load(&golden.join(algo), &Default::default()).unwrap();
+    let traces: Value = serde_json::from_str(
+        &std::fs::read_to_string(golden.join(algo).join("eval_traces.json")).unwrap(),
+    )
+    .unwrap();
+    let run = &traces["temp1"];
+    let mut worst = 0.0f64;
+    for prompt in run["prompts"].as_array().unwrap() {
+        let prompt_len = prompt["prompt_ids"].as_array().unwrap().len();
+        let output = ids(&prompt["output_ids"]);
+        let mut tokens = VecDeque::from([output[prompt_len]]);
+        let mut uniforms = VecDeque::new();
+        for r in prompt["rounds"].as_array().unwrap() {
+            tokens.extend(ids(&r["verify_input_ids"])[1..].iter().copied());
+            tokens.push_back(r["next_token"].as_u64().unwrap() as u32);
+            uniforms.extend(
+                r["u"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|u| u.as_f64().unwrap()),
+            );
+        }
+        let mut replay = Replay { tokens, uniforms };
+        let trace = run_decode(&target, &drafter, &config, run, prompt, &mut replay);
+        let recorded = prompt["rounds"].as_array().unwrap();
+        assert_eq!(
+            trace.rounds.len(),
+            recorded.len(),
+            "{algo}: number of rounds"
+        );
+        for (i, (ours, theirs)) in trace.rounds.iter().zip(recorded).enumerate() {
+            assert_eq!(
+                ours.accepted,
+                theirs["accepted_draft_tokens"].as_u64().unwrap() as usize,
+                "{algo} temp1 round {i}: accepted"
+            );
+            for (key, values) in [
+                ("p_target_at_proposed", &ours.p_target),
+                ("q_draft_at_proposed", &ours.q_draft),
+            ] {
+                for (a, b) in values.iter().zip(theirs[key].as_array().unwrap()) {
+                    let b = b.as_f64().unwrap();
+                    let rel = (a - b).abs() / b.abs().max(1e-6);
+                    worst = worst.max(rel);
+                    assert!(rel < 1e-3, "{algo} temp1 round {i}: {key} {a} vs {b}");
+                }
+            }
+        }
+        assert_eq!(trace.output_ids, output, "{algo} temp1: output ids");
+    }
+    eprintln!("{algo} temp1: worst relative difference of p/q {worst:.2e}");
+}
+
+#[test]
+fn golden_dspark_trace_greedy() {
+    check_greedy_runs("dspark");
+}
+
+#[test]
+fn golden_dflash_trace_greedy() {
+    check_greedy_runs("dflash");
+}
+
+#[test]
+fn golden_eagle3_trace_greedy() {
+    check_greedy_runs("eagle3");
+}
+
+#[test]
+fn golden_dspark_trace_temperature_replay() {
+    check_temperature_replay("dspark");
+}
+
+#[test]
+fn golden_dflash_trace_temperature_replay() {
+    check_temperature_replay("dflash");
+}
+
+#[test]
+fn golden_eagle3_trace_temperature_replay() {
+    check_temperature_replay("eagle3");
+}
