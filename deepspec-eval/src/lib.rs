@@ -1,6 +1,11 @@
 //! Evaluation: the verifying speculative-decoding engine (target KV cache, draft proposals,
 //! rejection sampling, bonus token) and its per-round trace.
 
+pub mod datasets;
 pub mod engine;
+pub mod metrics;
+pub mod plots;
 pub mod proposer;
+pub mod report;
+pub mod runner;
 pub mod verify;

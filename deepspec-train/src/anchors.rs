@@ -17,11 +17,11 @@ pub trait AnchorSource {
 }
 
 /// A uniformly random subset (random keys, keep the smallest), as the reference samples.
-pub struct RandomAnchors {
-    pub rng: Rng,
+pub struct RandomAnchors<'a> {
+    pub rng: &'a mut Rng,
 }
 
-impl AnchorSource for RandomAnchors {
+impl AnchorSource for RandomAnchors<'_> {
     fn choose(&mut self, _row: usize, candidates: &[usize], num_anchors: usize) -> Vec<usize> {
         if candidates.len() <= num_anchors {
             return candidates.to_vec();
@@ -107,7 +107,8 @@ mod tests {
     #[test]
     fn random_anchors_are_sorted_distinct_candidates() {
         let mask = vec![vec![1u8; 50], vec![0, 1, 1, 0]];
-        let mut source = RandomAnchors { rng: Rng::new(5) };
+        let mut rng = Rng::new(5);
+        let mut source = RandomAnchors { rng: &mut rng };
         let anchors = sample_anchors(&mask, 8, &mut source);
         let row = &anchors.positions[0];
         assert!(row.windows(2).all(|w| w[0] < w[1]));

@@ -4,6 +4,10 @@
 pub mod anchors;
 pub mod batch;
 pub mod blocks;
+pub mod checkpoint;
+pub mod data;
+pub mod logging;
 pub mod loss;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;

@@ -2,6 +2,7 @@
 //! the reference clips all gradients together, not each tensor alone.
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use std::collections::HashMap;
@@ -52,14 +53,14 @@ pub struct StepReport {
     pub clip_coef: f64,
 }
 
-struct NormVisitor<'a, B: AutodiffBackend> {
-    grads: &'a B::Gradients,
+struct NormVisitor<'a> {
+    grads: &'a GradientsParams,
     sum_sq: f64,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for NormVisitor<'_, B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for NormVisitor<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(g) = param.val().grad(self.grads) {
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
             let sq = g
                 .powi_scalar(2)
                 .sum()
@@ -73,7 +74,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for NormVisitor<'_, B> {
 }
 
 struct StepMapper<'a, B: AutodiffBackend> {
-    grads: &'a B::Gradients,
+    grads: &'a GradientsParams,
     optim: &'a mut AdamW<B>,
     lr: f64,
     scale: f64,
@@ -82,7 +83,7 @@ struct StepMapper<'a, B: AutodiffBackend> {
 impl<B: AutodiffBackend> ModuleMapper<B> for StepMapper<'_, B> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
-        let Some(grad) = tensor.grad(self.grads) else {
+        let Some(grad) = self.grads.get::<B::InnerBackend, D>(id) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let shape = tensor.dims();
@@ -122,7 +123,7 @@ impl<B: AutodiffBackend> AdamW<B> {
     }
 
     /// The global norm of the gradients `grads` holds for `module`'s parameters.
-    pub fn grad_norm<M: AutodiffModule<B>>(module: &M, grads: &B::Gradients) -> f64 {
+    pub fn grad_norm<M: AutodiffModule<B>>(module: &M, grads: &GradientsParams) -> f64 {
         let mut visitor = NormVisitor { grads, sum_sq: 0.0 };
         module.visit(&mut visitor);
         visitor.sum_sq.sqrt()
@@ -132,7 +133,7 @@ impl<B: AutodiffBackend> AdamW<B> {
     pub fn step<M: AutodiffModule<B>>(
         &mut self,
         module: M,
-        grads: &B::Gradients,
+        grads: &GradientsParams,
         lr: f64,
     ) -> (M, StepReport) {
         let grad_norm = Self::grad_norm(&module, grads);
@@ -223,7 +224,7 @@ mod tests {
         let y = linear.forward(x);
         let loss =
             y.clone().sum() + (y * 0.0).sum() + linear.bias.as_ref().unwrap().val().sum() * 3.0;
-        let grads = loss.backward();
+        let grads = GradientsParams::from_grads(loss.backward(), &linear);
         let norm = AdamW::<B>::grad_norm(&linear, &grads);
         assert!((norm - 5.0).abs() < 1e-6, "norm {norm}");
         let mut optim = AdamW::<B>::new(AdamWConfig::default());

@@ -279,7 +279,9 @@ where
     M: burn::module::AutodiffModule<B> + Clone,
 {
     let step = &f.step;
-    let grads = total.backward();
+    let raw_grads = total.backward();
+    let all_grads = named_grads(&model, &raw_grads);
+    let grads = burn::optim::GradientsParams::from_grads(raw_grads, &model);
     let norm = AdamW::<B>::grad_norm(&model, &grads);
     assert_rel("grad_norm", norm, step["grad_norm"].as_f64().unwrap(), 1e-4);
     let params = named_params(&model, true);
@@ -294,7 +296,6 @@ where
     let mut theirs = expected_names.clone();
     theirs.sort();
     assert_eq!(ours, theirs, "trainable parameter names");
-    let all_grads = named_grads(&model, &grads);
     for p in &params {
         let grad = &all_grads[&p.name];
         let g_norm = grad.iter().map(|&g| (g as f64).powi(2)).sum::<f64>().sqrt();

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dspark;
 pub mod eagle3;
 pub mod heads;
+pub mod init;
 
 pub use config::{Algorithm, DrafterConfig, MarkovKind};
 pub use dspark::DSparkModel;
@@ -176,6 +177,20 @@ impl<B: Backend> Drafter<B> {
             ));
         }
         Ok((drafter, config))
+    }
+
+    /// Builds the drafter `config` describes from `src`'s tensors.
+    pub fn from_source(
+        src: &dyn WeightSource,
+        config: &DrafterConfig,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        Ok(match config.algorithm {
+            Algorithm::DSpark | Algorithm::DFlash => {
+                Drafter::DSpark(DSparkModel::load(src, config, device)?)
+            }
+            Algorithm::Eagle3 => Drafter::Eagle3(Eagle3Model::load(src, config, device)?),
+        })
     }
 
     /// Writes `dir/config.json` and `dir/model.safetensors` in the dtype the config names,

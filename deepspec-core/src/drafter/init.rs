@@ -1,0 +1,208 @@
+//! A fresh drafter for a target (DEEPSPEC-SPEC §4.7–4.8): the config is the target's config
+//! extended with the drafter's fields; embedding and LM head are frozen copies of the
+//! target's; every other Linear weight (and the Markov embedding) is drawn from
+//! N(0, initializer_range), biases 0, norm weights 1.
+
+use super::config::{Algorithm, DrafterConfig, MarkovKind};
+use super::Drafter;
+use crate::io::{HostTensor, WeightSource};
+use crate::model::config::{Family, TargetConfig};
+use crate::model::{to_host, LoadedTarget};
+use crate::sampling::Rng;
+use crate::LoadError;
+use burn::tensor::backend::Backend;
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+
+/// The drafter-specific choices of a new drafter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrafterSpec {
+    pub algorithm: Algorithm,
+    pub num_draft_layers: usize,
+    pub target_layer_ids: Vec<usize>,
+    /// DSpark/DFlash block size; Eagle3 TTT length.
+    pub block_size: usize,
+    pub mask_token_id: u32,
+    pub num_anchors: usize,
+    pub markov_rank: usize,
+    pub markov_kind: MarkovKind,
+    pub confidence_head: bool,
+    pub confidence_with_markov: bool,
+    pub step_loss_decay: f64,
+    /// "float32" or "bfloat16": the dtype checkpoints are written in.
+    pub dtype: String,
+    pub initializer_range: f64,
+    pub seed: u64,
+    /// Recorded in Eagle3 configs, as the reference does.
+    pub target_model_name_or_path: String,
+}
+
+/// The target's config as Hugging Face JSON: its own `config.json` when it has one, else the
+/// equivalent fields (GGUF targets).
+fn target_json(target_path: &Path, config: &TargetConfig) -> Result<Map<String, Value>, LoadError> {
+    let file = target_path.join("config.json");
+    if target_path.is_dir() && file.exists() {
+        let text = std::fs::read_to_string(&file).map_err(|e| LoadError::io(&file, e))?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| LoadError::corrupt(&file, format!("not valid JSON: {e}")))?;
+        if let Value::Object(map) = value {
+            return Ok(map);
+        }
+    }
+    let model_type = match config.family {
+        Family::Qwen3 => "qwen3",
+        Family::Llama => "llama",
+    };
+    let value = json!({
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": config.attention_bias,
+        "initializer_range": 0.02,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_ids.first(),
+    });
+    Ok(value.as_object().cloned().unwrap_or_default())
+}
+
+/// The drafter's `config.json` for `target`.
+pub fn new_config(
+    target_path: &Path,
+    target: &TargetConfig,
+    spec: &DrafterSpec,
+) -> Result<DrafterConfig, LoadError> {
+    let mut c = target_json(target_path, target)?;
+    let layers = spec.num_draft_layers;
+    c.insert("num_target_layers".into(), json!(target.num_hidden_layers));
+    c.insert("num_hidden_layers".into(), json!(layers));
+    c.insert("layer_types".into(), json!(vec!["full_attention"; layers]));
+    c.insert("tie_word_embeddings".into(), json!(false));
+    c.insert("target_layer_ids".into(), json!(spec.target_layer_ids));
+    c.insert("dtype".into(), json!(spec.dtype));
+    c.insert("initializer_range".into(), json!(spec.initializer_range));
+    match spec.algorithm {
+        Algorithm::DSpark | Algorithm::DFlash => {
+            c.insert("architectures".into(), json!(["Qwen3DSparkModel"]));
+            c.insert("block_size".into(), json!(spec.block_size));
+            c.insert("mask_token_id".into(), json!(spec.mask_token_id));
+            c.insert("num_anchors".into(), json!(spec.num_anchors));
+            c.insert("enable_confidence_head".into(), json!(spec.confidence_head));
+            if spec.confidence_head {
+                c.insert(
+                    "confidence_head_with_markov".into(),
+                    json!(spec.confidence_with_markov),
+                );
+            }
+            c.insert("markov_rank".into(), json!(spec.markov_rank));
+            if spec.markov_rank > 0 {
+                let kind = match spec.markov_kind {
+                    MarkovKind::Vanilla => "vanilla",
+                    MarkovKind::Gated => "gated",
+                    MarkovKind::Rnn => "rnn",
+                };
+                c.insert("markov_head_type".into(), json!(kind));
+            }
+        }
+        Algorithm::Eagle3 => {
+            c.insert("architectures".into(), json!(["Qwen3Eagle3Model"]));
+            c.insert("draft_num_hidden_layers".into(), json!(layers));
+            c.insert("ttt_length".into(), json!(spec.block_size));
+            c.insert("step_loss_decay".into(), json!(spec.step_loss_decay));
+            c.insert(
+                "target_model_name_or_path".into(),
+                json!(spec.target_model_name_or_path),
+            );
+        }
+    }
+    DrafterConfig::from_json(
+        &PathBuf::from("<new drafter>/config.json"),
+        Value::Object(c),
+    )
+}
+
+/// Hands out the target's embedding and head, and fresh values for everything else.
+struct InitSource {
+    origin: PathBuf,
+    embed: HostTensor,
+    head: HostTensor,
+    std: f64,
+    rng: std::cell::RefCell<Rng>,
+}
+
+impl InitSource {
+    fn normal(&self, n: usize) -> Vec<f32> {
+        let mut rng = self.rng.borrow_mut();
+        (0..n)
+            .map(|_| {
+                // Box-Muller.
+                let u1 = rng.uniform().max(f64::MIN_POSITIVE);
+                let u2 = rng.uniform();
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * self.std)
+                    as f32
+            })
+            .collect()
+    }
+}
+
+impl WeightSource for InitSource {
+    fn origin(&self) -> &Path {
+        &self.origin
+    }
+    fn contains(&self, _name: &str) -> bool {
+        true
+    }
+    fn tensor(&self, name: &str) -> Result<HostTensor, LoadError> {
+        Err(LoadError::MissingTensor {
+            path: self.origin.clone(),
+            tensor: name.into(),
+            hint: " (a new drafter's tensors are requested with their shapes)".into(),
+        })
+    }
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn tensor_shaped(&self, name: &str, shape: &[usize]) -> Result<HostTensor, LoadError> {
+        let n: usize = shape.iter().product();
+        let data = match name {
+            "embed_tokens.weight" => return Ok(self.embed.clone()),
+            "lm_head.weight" => return Ok(self.head.clone()),
+            _ if name.ends_with("norm.weight") => vec![1.0; n],
+            _ if name.ends_with(".bias") => vec![0.0; n],
+            _ => self.normal(n),
+        };
+        Ok(HostTensor::new(shape.to_vec(), data))
+    }
+}
+
+/// A freshly initialised drafter for `target`.
+pub fn new_drafter<B: Backend>(
+    target: &LoadedTarget<B>,
+    spec: &DrafterSpec,
+    device: &B::Device,
+) -> Result<(Drafter<B>, DrafterConfig), LoadError> {
+    let config = new_config(&target.path, &target.config, spec)?;
+    let embed = to_host(target.model.embed_tokens.val());
+    let head = match &target.model.lm_head {
+        Some(h) => to_host(h.weight.val()),
+        None => embed.clone(),
+    };
+    let source = InitSource {
+        origin: target.path.clone(),
+        embed,
+        head,
+        std: spec.initializer_range,
+        rng: std::cell::RefCell::new(Rng::new(spec.seed)),
+    };
+    let drafter = Drafter::from_source(&source, &config, device)?;
+    Ok((drafter, config))
+}

@@ -1,0 +1,213 @@
+//! PNG plots of an evaluation (plotters): acceptance by position per domain, the confidence
+//! reliability diagram, and the threshold sweep. Text is drawn with a TrueType font read at
+//! run time (DejaVu Sans by default, `DEEPSPEC_FONT` to override).
+
+use crate::datasets::Domain;
+use crate::metrics::SweepPoint;
+use anyhow::{anyhow, Context};
+use plotters::prelude::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+const FONT_CANDIDATES: [&str; 3] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+static FONT: Once = Once::new();
+
+fn register_font() -> anyhow::Result<()> {
+    let path: PathBuf = match std::env::var_os("DEEPSPEC_FONT") {
+        Some(p) => p.into(),
+        None => FONT_CANDIDATES
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or_else(|| anyhow!("no TrueType font for plot labels: install fonts-dejavu-core or set DEEPSPEC_FONT"))?,
+    };
+    let bytes = std::fs::read(&path).with_context(|| format!("reading font {}", path.display()))?;
+    let mut result = Ok(());
+    FONT.call_once(|| {
+        let leaked: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        if plotters::style::register_font("sans-serif", FontStyle::Normal, leaked).is_err() {
+            result = Err(anyhow!("{} is not a usable TrueType font", path.display()));
+        }
+    });
+    result
+}
+
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+fn colour(i: usize) -> RGBColor {
+    [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+    ][i % 4]
+}
+
+/// Conditional acceptance at each draft position, one line per domain.
+pub fn acceptance_by_position(
+    path: &Path,
+    per_domain: &BTreeMap<Domain, Vec<f64>>,
+) -> anyhow::Result<()> {
+    register_font()?;
+    let slots = per_domain.values().map(Vec::len).max().unwrap_or(1).max(1);
+    let draw = || -> DrawResult {
+        let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "Acceptance by draft position (given all earlier accepted)",
+                ("sans-serif", 22),
+            )
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0.5f64..slots as f64 + 0.5, 0f64..1f64)?;
+        chart
+            .configure_mesh()
+            .x_desc("draft position")
+            .y_desc("conditional acceptance")
+            .draw()?;
+        for (i, (domain, values)) in per_domain.iter().enumerate() {
+            let c = colour(i);
+            let pts: Vec<(f64, f64)> = values
+                .iter()
+                .enumerate()
+                .map(|(k, &v)| (k as f64 + 1.0, v))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+                .label(format!("{domain:?}"))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
+            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, c.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow!("drawing {}: {e}", path.display()))
+}
+
+/// Reliability diagram: accuracy against mean confidence per bin, before and after STS.
+pub fn reliability(
+    path: &Path,
+    before: &[(f64, f64, usize)],
+    after: &[(f64, f64, usize)],
+) -> anyhow::Result<()> {
+    register_font()?;
+    let draw = || -> DrawResult {
+        let root = BitMapBackend::new(path, (600, 600)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Confidence reliability", ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0f64..1f64, 0f64..1f64)?;
+        chart
+            .configure_mesh()
+            .x_desc("predicted confidence")
+            .y_desc("observed acceptance")
+            .draw()?;
+        chart
+            .draw_series(LineSeries::new(
+                vec![(0.0, 0.0), (1.0, 1.0)],
+                BLACK.mix(0.4),
+            ))?
+            .label("perfect")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.4)));
+        for (i, (name, bins)) in [("raw", before), ("after STS", after)]
+            .into_iter()
+            .enumerate()
+        {
+            let c = colour(i);
+            let pts: Vec<(f64, f64)> = bins
+                .iter()
+                .filter(|b| b.2 > 0)
+                .map(|b| (b.0, b.1))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
+            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, c.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow!("drawing {}: {e}", path.display()))
+}
+
+/// Tokens per verification step and acceptance rate against the confidence threshold.
+pub fn threshold_sweep(path: &Path, sweep: &[SweepPoint]) -> anyhow::Result<()> {
+    register_font()?;
+    let max_tokens = sweep
+        .iter()
+        .map(|p| p.tokens_per_step)
+        .fold(1.0f64, f64::max)
+        * 1.1;
+    let draw = || -> DrawResult {
+        let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Static confidence-threshold sweep", ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .right_y_label_area_size(55)
+            .build_cartesian_2d(0f64..1f64, 0f64..max_tokens)?
+            .set_secondary_coord(0f64..1f64, 0f64..1f64);
+        chart
+            .configure_mesh()
+            .x_desc("confidence threshold")
+            .y_desc("tokens per step")
+            .draw()?;
+        chart
+            .configure_secondary_axes()
+            .y_desc("acceptance rate")
+            .draw()?;
+        let tokens: Vec<(f64, f64)> = sweep
+            .iter()
+            .map(|p| (p.threshold, p.tokens_per_step))
+            .collect();
+        let rate: Vec<(f64, f64)> = sweep
+            .iter()
+            .map(|p| (p.threshold, p.acceptance_rate))
+            .collect();
+        let (c0, c1) = (colour(0), colour(1));
+        chart
+            .draw_series(LineSeries::new(tokens, c0.stroke_width(2)))?
+            .label("tokens per step")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c0.stroke_width(2)));
+        chart
+            .draw_secondary_series(LineSeries::new(rate, c1.stroke_width(2)))?
+            .label("acceptance rate")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c1.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow!("drawing {}: {e}", path.display()))
+}

@@ -1,0 +1,174 @@
+//! The evaluation report: JSON (documented in docs/eval-report.md), a Markdown table, and
+//! the regression gate against a baseline report.
+
+use crate::datasets::{Domain, SETS};
+use crate::metrics::{AcceptanceStats, SweepPoint};
+use anyhow::Context;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SetReport {
+    pub domain: Domain,
+    pub samples: usize,
+    /// Committed tokens per verification, bonus token included.
+    pub tau: f64,
+    pub rounds: usize,
+    pub tokens: usize,
+    /// Acceptance at slot k given slots 0..k-1 were accepted.
+    pub conditional_acceptance: Vec<f64>,
+    pub wall_seconds: f64,
+}
+
+impl SetReport {
+    pub fn new(domain: Domain, samples: usize, stats: &AcceptanceStats, wall_seconds: f64) -> Self {
+        SetReport {
+            domain,
+            samples,
+            tau: stats.tau(),
+            rounds: stats.rounds,
+            tokens: stats.tokens,
+            conditional_acceptance: stats.conditional_acceptance(),
+            wall_seconds,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CalibrationReport {
+    pub points: usize,
+    pub ece: f64,
+    pub roc_auc: Option<f64>,
+    /// With Sequential Temperature Scaling fitted on the held-out half.
+    pub sts_temperatures: Vec<f64>,
+    pub ece_after: f64,
+    pub roc_auc_after: Option<f64>,
+    pub threshold_sweep: Vec<SweepPoint>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Mean of the per-set τ over the sets evaluated.
+    pub macro_tau: f64,
+    /// Mean of the per-set τ within each domain.
+    pub domain_tau: BTreeMap<Domain, f64>,
+    pub sets: BTreeMap<String, SetReport>,
+    /// Requested sets with no file in the datasets folder (never substituted).
+    pub missing_sets: Vec<String>,
+    pub target: String,
+    pub drafter: String,
+    pub algorithm: String,
+    pub temperature: f32,
+    pub max_new_tokens: usize,
+    pub confidence_threshold: f64,
+    pub calibration: Option<CalibrationReport>,
+}
+
+impl Report {
+    pub fn aggregate(&mut self) {
+        let taus: Vec<f64> = self.sets.values().map(|s| s.tau).collect();
+        self.macro_tau = if taus.is_empty() {
+            0.0
+        } else {
+            taus.iter().sum::<f64>() / taus.len() as f64
+        };
+        let mut by_domain: BTreeMap<Domain, Vec<f64>> = BTreeMap::new();
+        for s in self.sets.values() {
+            by_domain.entry(s.domain).or_default().push(s.tau);
+        }
+        self.domain_tau = by_domain
+            .into_iter()
+            .map(|(d, v)| (d, v.iter().sum::<f64>() / v.len() as f64))
+            .collect();
+    }
+
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)? + "\n")
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The table printed after a run.
+    pub fn markdown(&self) -> String {
+        let mut out = String::from("| set | domain | samples | rounds | τ | acceptance by position |\n|---|---|---|---|---|---|\n");
+        for (name, _) in SETS {
+            if let Some(s) = self.sets.get(name) {
+                let acc: Vec<String> = s
+                    .conditional_acceptance
+                    .iter()
+                    .map(|a| format!("{a:.2}"))
+                    .collect();
+                out += &format!(
+                    "| {name} | {:?} | {} | {} | {:.3} | {} |\n",
+                    s.domain,
+                    s.samples,
+                    s.rounds,
+                    s.tau,
+                    acc.join(" ")
+                );
+            } else if self.missing_sets.iter().any(|m| m == name) {
+                out += &format!("| {name} | | missing | | | |\n");
+            }
+        }
+        for (domain, tau) in &self.domain_tau {
+            out += &format!("| macro ({domain:?}) | | | | {tau:.3} | |\n");
+        }
+        out += &format!("| **macro** | | | | **{:.3}** | |\n", self.macro_tau);
+        out
+    }
+}
+
+/// Compares `report` with a baseline report (same JSON schema): returns the lines to print
+/// and whether every τ held within `tolerance` (relative drop).
+pub fn regression_gate(
+    report: &Report,
+    baseline_path: &Path,
+    tolerance: f64,
+) -> anyhow::Result<(Vec<String>, bool)> {
+    let text = std::fs::read_to_string(baseline_path)
+        .with_context(|| format!("reading baseline {}", baseline_path.display()))?;
+    let baseline: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", baseline_path.display()))?;
+    let base_macro = baseline["macro_tau"].as_f64().with_context(|| {
+        format!(
+            "{}: field `macro_tau` missing or not a number",
+            baseline_path.display()
+        )
+    })?;
+    // (name, baseline τ, current τ or None when the set was not evaluated)
+    let mut pairs: Vec<(String, f64, Option<f64>)> =
+        vec![("macro_tau".into(), base_macro, Some(report.macro_tau))];
+    if let Some(sets) = baseline["sets"].as_object() {
+        for (name, set) in sets {
+            if let Some(base) = set["tau"].as_f64() {
+                pairs.push((name.clone(), base, report.sets.get(name).map(|s| s.tau)));
+            }
+        }
+    }
+    let mut lines = Vec::new();
+    let mut ok = true;
+    for (name, base, now) in pairs {
+        let Some(now) = now else {
+            ok = false;
+            lines.push(format!(
+                "FAIL {name}: in the baseline but not evaluated now"
+            ));
+            continue;
+        };
+        let drop = if base > 0.0 { (base - now) / base } else { 0.0 };
+        let pass = drop <= tolerance;
+        ok &= pass;
+        lines.push(format!(
+            "{} {name}: baseline {base:.4} now {now:.4} ({:+.2}%)",
+            if pass { "ok  " } else { "FAIL" },
+            -drop * 100.0
+        ));
+    }
+    Ok((lines, ok))
+}

@@ -1,0 +1,332 @@
+//! The training loop, top to bottom: data order, anchors and blocks, forward + loss,
+//! backward with gradient accumulation, global-norm clipping, AdamW, schedule, logging and
+//! checkpoints (DEEPSPEC-SPEC §5). Algorithm-specific parts live in `blocks` and `loss`.
+
+use crate::anchors::{sample_anchors, RandomAnchors};
+use crate::batch::TrainBatch;
+use crate::blocks::build_blocks;
+use crate::checkpoint::{self, TrainerState};
+use crate::data::{collate, micro_batch, SampleSource};
+use crate::logging::{Logger, Window};
+use crate::loss::dspark::{dspark_loss, DSparkLossConfig};
+use crate::loss::eagle3::eagle3_loss;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::schedule::learning_rate;
+use anyhow::{bail, Context};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Tensor;
+use deepspec_core::drafter::{Drafter, DrafterConfig};
+use deepspec_core::sampling::Rng;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSettings {
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub local_batch_size: usize,
+    pub global_batch_size: usize,
+    pub num_train_epochs: usize,
+    pub max_train_steps: Option<usize>,
+    pub logging_steps: usize,
+    pub checkpointing_steps: usize,
+    pub keep_last: usize,
+    pub seed: u64,
+    pub max_length: usize,
+    pub dspark_loss: DSparkLossConfig,
+    pub tensorboard_dir: Option<PathBuf>,
+    /// Stop (as if killed) after this many optimizer steps of this run; for tests of resume.
+    pub stop_after: Option<usize>,
+    pub show_progress: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    /// Target-sequence tokens processed per second.
+    pub tokens_per_second: f64,
+    /// Supervised draft predictions per second.
+    pub draft_tokens_per_second: f64,
+    pub checkpoint: PathBuf,
+}
+
+/// Micro-batch forward and loss; returns (loss, metrics, supervised predictions).
+fn micro_loss<B: AutodiffBackend>(
+    drafter: &Drafter<B>,
+    config: &DrafterConfig,
+    batch: &TrainBatch,
+    rng: &mut Rng,
+    settings: &TrainSettings,
+) -> (Tensor<B, 1>, BTreeMap<String, (f64, f64)>, usize) {
+    let rope = config.base.rope();
+    match drafter {
+        Drafter::DSpark(model) => {
+            let anchors = sample_anchors(
+                &batch.loss_mask,
+                config.num_anchors,
+                &mut RandomAnchors { rng },
+            );
+            let layout = build_blocks(
+                &batch.input_ids,
+                &batch.loss_mask,
+                &anchors,
+                config.block_size,
+                config
+                    .mask_token_id
+                    .expect("DSpark config has mask_token_id"),
+            );
+            let supervised = layout
+                .eval_mask
+                .iter()
+                .flatten()
+                .flatten()
+                .filter(|&&e| e)
+                .count();
+            let mut loss = dspark_loss(model, &rope, batch, &layout, &settings.dspark_loss);
+            let n = anchors.candidates.len() as f64;
+            let kept: usize = anchors.keep.iter().flatten().filter(|&&k| k).count();
+            let len = batch.seq_len() as f64;
+            let candidates: usize = anchors.candidates.iter().sum();
+            loss.metrics
+                .insert("valid_anchors_abs".into(), (candidates as f64, n));
+            loss.metrics.insert(
+                "valid_anchors_ratio".into(),
+                (candidates as f64 / len.max(1.0), n),
+            );
+            loss.metrics
+                .insert("sampled_anchors_abs".into(), (kept as f64, n));
+            loss.metrics.insert(
+                "sampled_anchors_ratio".into(),
+                (kept as f64 / config.num_anchors as f64, n),
+            );
+            (loss.total, loss.metrics, supervised)
+        }
+        Drafter::Eagle3(model) => {
+            let loss = eagle3_loss(
+                model,
+                &rope,
+                batch,
+                config.block_size,
+                config.step_loss_decay,
+            );
+            let supervised = loss.metrics.get("accuracy@0").map_or(0, |m| m.1 as usize);
+            (loss.total, loss.metrics, supervised)
+        }
+    }
+}
+
+/// Trains `drafter` on `data`, checkpointing into `out`. With `resume`, continues from
+/// `out/step_latest` exactly where it stopped.
+pub fn train<B: AutodiffBackend>(
+    mut drafter: Drafter<B>,
+    mut config: DrafterConfig,
+    data: &dyn SampleSource,
+    settings: &TrainSettings,
+    out: &Path,
+    resume: bool,
+    device: &B::Device,
+) -> anyhow::Result<TrainSummary> {
+    let b = settings.local_batch_size;
+    if b == 0 || !settings.global_batch_size.is_multiple_of(b) {
+        bail!(
+            "train.global_batch_size ({}) must be a multiple of train.local_batch_size ({b})",
+            settings.global_batch_size
+        );
+    }
+    let accum = settings.global_batch_size / b;
+    let samples_per_epoch = data.len() / settings.global_batch_size * settings.global_batch_size;
+    if samples_per_epoch == 0 {
+        bail!(
+            "the cache holds {} samples, fewer than one global batch ({}): lower train.global_batch_size",
+            data.len(),
+            settings.global_batch_size
+        );
+    }
+    let steps_per_epoch = samples_per_epoch / settings.global_batch_size;
+    let max_steps = settings
+        .max_train_steps
+        .unwrap_or(settings.num_train_epochs * steps_per_epoch);
+
+    let mut optim = AdamW::<B>::new(AdamWConfig {
+        weight_decay: settings.weight_decay,
+        max_grad_norm: Some(settings.max_grad_norm),
+        ..AdamWConfig::default()
+    });
+    let mut state = TrainerState {
+        global_step: 0,
+        next_micro_step: 0,
+        anchor_rng: Rng::new(settings.seed),
+        local_batch_size: b,
+        global_batch_size: settings.global_batch_size,
+        max_train_steps: max_steps,
+    };
+    if resume && checkpoint::latest(out).exists() {
+        let (d, c, s) = checkpoint::load(out, &mut optim, device)?;
+        if s.local_batch_size != b || s.global_batch_size != settings.global_batch_size {
+            bail!(
+                "{}: the checkpoint was trained with local/global batch {}/{}, this run asks for {b}/{}; resume needs the same",
+                checkpoint::latest(out).display(),
+                s.local_batch_size,
+                s.global_batch_size,
+                settings.global_batch_size
+            );
+        }
+        drafter = d;
+        config = c;
+        state = s;
+        state.max_train_steps = max_steps;
+    } else if !resume && checkpoint::latest(out).exists() {
+        bail!(
+            "{} already holds a run (step_latest exists): pass --resume to continue it, or choose another --out",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating output folder {}", out.display()))?;
+    let probe = out.join(".write-test");
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("output folder {} is not writable", out.display()))?;
+    std::fs::remove_file(&probe).ok();
+
+    let mut logger = match &settings.tensorboard_dir {
+        Some(dir) => Some(Logger::new(dir)?),
+        None => None,
+    };
+    let progress = if settings.show_progress {
+        ProgressBar::new(max_steps as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} eta {eta}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    progress.set_position(state.global_step as u64);
+
+    let started = Instant::now();
+    let (mut tokens, mut predictions) = (0usize, 0usize);
+    let mut window = Window::default();
+    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
+    let steps_at_start = state.global_step;
+    let mut last_checkpoint = checkpoint::latest(out);
+    while state.global_step < max_steps {
+        if settings
+            .stop_after
+            .is_some_and(|n| state.global_step - steps_at_start >= n)
+        {
+            break;
+        }
+        let mut accumulator = GradientsAccumulator::<Drafter<B>>::new();
+        let mut step_loss = 0.0;
+        for _ in 0..accum {
+            let indices = micro_batch(data.len(), samples_per_epoch, b, state.next_micro_step);
+            let samples = indices
+                .iter()
+                .map(|&i| data.sample(i))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let batch = collate(&samples, data.widths(), settings.max_length);
+            tokens += batch.lens.iter().sum::<usize>();
+            let (loss, metrics, supervised) =
+                micro_loss(&drafter, &config, &batch, &mut state.anchor_rng, settings);
+            predictions += supervised;
+            let value = loss
+                .clone()
+                .into_data()
+                .convert::<f64>()
+                .into_vec::<f64>()
+                .unwrap()[0];
+            if !value.is_finite() {
+                let bad: Vec<String> = metrics
+                    .iter()
+                    .filter(|(_, (n, d))| !n.is_finite() || !d.is_finite())
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                bail!(
+                    "step {}: the loss is {value} (non-finite terms: {}); stopping before the optimizer step",
+                    state.global_step + 1,
+                    if bad.is_empty() { "total".into() } else { bad.join(", ") }
+                );
+            }
+            step_loss += value / accum as f64;
+            window.add_ratios(&metrics);
+            let grads = (loss / accum as f64).backward();
+            accumulator.accumulate(&drafter, GradientsParams::from_grads(grads, &drafter));
+            state.next_micro_step += 1;
+        }
+        let grads = accumulator.grads();
+        let lr = learning_rate(
+            settings.lr,
+            settings.warmup_ratio,
+            max_steps,
+            state.global_step + 1,
+        );
+        let (next, report) = optim.step(drafter, &grads, lr);
+        drafter = next;
+        state.global_step += 1;
+        window.losses.push(step_loss);
+        if first_loss.is_nan() {
+            first_loss = step_loss;
+        }
+        last_loss = step_loss;
+        let next_lr = learning_rate(
+            settings.lr,
+            settings.warmup_ratio,
+            max_steps,
+            state.global_step + 1,
+        );
+        let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+        progress.set_position(state.global_step as u64);
+        progress.set_message(format!(
+            "loss {step_loss:.4} lr {lr:.2e} {:.0} tok/s",
+            tokens as f64 / elapsed
+        ));
+        if state
+            .global_step
+            .is_multiple_of(settings.logging_steps.max(1))
+            || state.global_step == max_steps
+        {
+            let values = window.values(next_lr, report.grad_norm);
+            if let Some(l) = logger.as_mut() {
+                l.write(state.global_step, &values);
+            }
+            let done = state.global_step - steps_at_start;
+            let remaining = elapsed / done.max(1) as f64 * (max_steps - state.global_step) as f64;
+            progress.println(format!(
+                "epoch={} step={}/{} loss={:.4} | elapsed={:.1}min | remaining={:.1}min",
+                state.next_micro_step / (samples_per_epoch / b) + 1,
+                state.global_step,
+                max_steps,
+                values.get("loss").copied().unwrap_or(f64::NAN),
+                elapsed / 60.0,
+                remaining / 60.0
+            ));
+            window = Window::default();
+        }
+        if state
+            .global_step
+            .is_multiple_of(settings.checkpointing_steps.max(1))
+            || state.global_step == max_steps
+        {
+            last_checkpoint =
+                checkpoint::save(out, &drafter, &config, &optim, &state, settings.keep_last)?;
+        }
+    }
+    progress.finish_and_clear();
+    let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+    Ok(TrainSummary {
+        steps: state.global_step,
+        first_loss,
+        last_loss,
+        tokens_per_second: tokens as f64 / elapsed,
+        draft_tokens_per_second: predictions as f64 / elapsed,
+        checkpoint: last_checkpoint,
+    })
+}
