@@ -58,7 +58,7 @@ pub struct TrainSummary {
 }
 
 /// Micro-batch forward and loss; returns (loss, metrics, supervised predictions).
-fn micro_loss<B: AutodiffBackend>(
+pub fn micro_loss<B: AutodiffBackend>(
     drafter: &Drafter<B>,
     config: &DrafterConfig,
     batch: &TrainBatch,

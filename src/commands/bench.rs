@@ -12,11 +12,183 @@ use std::time::Instant;
 pub enum BenchCommand {
     /// Target prefill and single-stream decode tokens/s.
     Target(TargetBench),
+    /// Drafter training step time on synthetic data of a target's shape.
+    Train(TrainBench),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Target(args) => dispatch(args.device, args),
+        BenchCommand::Train(args) => dispatch(args.device, args),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// Qwen3-4B shapes (the reference's DSpark step: 512 anchors x block 7, sequence 4096).
+    Qwen3_4b,
+    /// SmolLM2-135M shapes.
+    Smollm2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Algo {
+    Dspark,
+    Dflash,
+    Eagle3,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainBench {
+    #[arg(long, value_enum, default_value_t = Preset::Smollm2)]
+    pub preset: Preset,
+    #[arg(long, value_enum, default_value_t = Algo::Dspark)]
+    pub algo: Algo,
+    #[arg(long, default_value_t = 1024)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 64)]
+    pub anchors: usize,
+    /// Draft layers (DSpark/DFlash; Eagle3 always has one).
+    #[arg(long, default_value_t = 5)]
+    pub layers: usize,
+    /// Timed steps, after `--warmup` untimed ones.
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
+}
+
+fn preset_config(preset: Preset) -> deepspec_core::model::TargetConfig {
+    use deepspec_core::model::{Family, TargetConfig};
+    let (vocab, hidden, inter, layers, heads, kv, head_dim, theta, eps) = match preset {
+        Preset::Qwen3_4b => (151936, 2560, 9728, 36, 32, 8, 128, 1e6, 1e-6),
+        Preset::Smollm2 => (49152, 576, 1536, 30, 9, 3, 64, 1e5, 1e-5),
+    };
+    TargetConfig {
+        family: Family::Qwen3,
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim,
+        rope_theta: theta,
+        rms_norm_eps: eps,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        max_position_embeddings: 40960,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    }
+}
+
+impl OnBackend for TrainBench {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        use burn::backend::Autodiff;
+        use deepspec_core::drafter::init::{random_drafter, DrafterSpec};
+        use deepspec_core::drafter::{Algorithm, MarkovKind};
+        use deepspec_core::sampling::Rng;
+        use deepspec_train::data::{collate, Sample};
+        use deepspec_train::loss::dspark::DSparkLossConfig;
+        use deepspec_train::optim::{AdamW, AdamWConfig};
+        type AB<B> = Autodiff<B>;
+        let target = preset_config(self.preset);
+        let (algorithm, rank, confidence, layers) = match self.algo {
+            Algo::Dspark => (Algorithm::DSpark, 256.min(target.hidden_size / 2), true, self.layers),
+            Algo::Dflash => (Algorithm::DFlash, 0, false, self.layers),
+            Algo::Eagle3 => (Algorithm::Eagle3, 0, false, 1),
+        };
+        let h = target.hidden_size;
+        let taps: Vec<usize> = (0..5).map(|i| 1 + i * (target.num_hidden_layers - 3) / 4).collect();
+        let spec = DrafterSpec {
+            algorithm,
+            num_draft_layers: layers,
+            target_layer_ids: taps.clone(),
+            block_size: 7,
+            mask_token_id: (target.vocab_size - 1) as u32,
+            num_anchors: self.anchors,
+            markov_rank: rank,
+            markov_kind: MarkovKind::Vanilla,
+            confidence_head: confidence,
+            confidence_with_markov: confidence,
+            step_loss_decay: 0.8,
+            dtype: "float32".into(),
+            initializer_range: 0.02,
+            seed: 0,
+            target_model_name_or_path: "synthetic".into(),
+        };
+        eprintln!("building a random {:?} drafter of {:?} shape...", self.algo, self.preset);
+        let (mut drafter, config) = random_drafter::<AB<B>>(&target, &spec, &device)?;
+        let mut rng = Rng::new(1);
+        let len = self.seq_len;
+        let normal = |rng: &mut Rng, n: usize| -> Vec<f32> { (0..n).map(|_| (rng.uniform() as f32 - 0.5) * 2.0).collect() };
+        let sample = Sample {
+            input_ids: (0..len).map(|_| (rng.next_u64() % (target.vocab_size as u64 - 1)) as i64).collect(),
+            loss_mask: (0..len).map(|i| (i >= 16) as u8).collect(),
+            target_hidden: normal(&mut rng, len * taps.len() * h),
+            target_last_hidden: normal(&mut rng, len * h),
+        };
+        let batch = collate(&[sample], (taps.len() * h, h), len);
+        let settings = deepspec_train::trainer::TrainSettings {
+            lr: 6e-4,
+            warmup_ratio: 0.0,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            local_batch_size: 1,
+            global_batch_size: 1,
+            num_train_epochs: 1,
+            max_train_steps: Some(1),
+            logging_steps: 10,
+            checkpointing_steps: 1000,
+            keep_last: 1,
+            seed: 0,
+            max_length: len,
+            dspark_loss: if algorithm == Algorithm::DSpark {
+                DSparkLossConfig { ce_alpha: 0.1, l1_alpha: 0.9, confidence_alpha: 1.0, decay_gamma: Some(4.0) }
+            } else {
+                DSparkLossConfig { ce_alpha: 1.0, l1_alpha: 0.0, confidence_alpha: 0.0, decay_gamma: Some(4.0) }
+            },
+            tensorboard_dir: None,
+            stop_after: None,
+            show_progress: false,
+        };
+        let mut optim = AdamW::<AB<B>>::new(AdamWConfig::default());
+        let mut anchor_rng = Rng::new(7);
+        let mut times = Vec::new();
+        let mut predictions = 0;
+        for step in 0..self.warmup + self.steps {
+            let start = Instant::now();
+            let (loss, _, supervised) =
+                deepspec_train::trainer::micro_loss(&drafter, &config, &batch, &mut anchor_rng, &settings);
+            let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &drafter);
+            let (next, report) = optim.step(drafter, &grads, 6e-4);
+            drafter = next;
+            let elapsed = start.elapsed().as_secs_f64();
+            eprintln!("step {step}: {:.1} ms (grad norm {:.3})", elapsed * 1e3, report.grad_norm);
+            if step >= self.warmup {
+                times.push(elapsed);
+                predictions += supervised;
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let total: f64 = times.iter().sum();
+        println!("backend          {}", std::any::type_name::<B>());
+        println!("preset           {:?}, {:?}, {} layers, seq {}, {} anchors x block 7", self.preset, self.algo, layers, len, self.anchors);
+        println!("step             {:.1} ms median of {}", median * 1e3, times.len());
+        println!("draft tokens/s   {:.0} (supervised predictions)", predictions as f64 / total);
+        println!(
+            "{}",
+            serde_json::json!({"bench": "train", "preset": format!("{:?}", self.preset), "algo": format!("{:?}", self.algo),
+                               "step_ms_median": median * 1e3, "draft_tokens_per_s": predictions as f64 / total,
+                               "seq_len": len, "anchors": self.anchors})
+        );
+        Ok(())
     }
 }
 

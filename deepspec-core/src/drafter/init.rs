@@ -133,8 +133,9 @@ pub fn new_config(
 /// Hands out the target's embedding and head, and fresh values for everything else.
 struct InitSource {
     origin: PathBuf,
-    embed: HostTensor,
-    head: HostTensor,
+    /// The target's embedding and head; random when absent (synthetic benchmarks).
+    embed: Option<HostTensor>,
+    head: Option<HostTensor>,
     std: f64,
     rng: std::cell::RefCell<Rng>,
 }
@@ -174,8 +175,8 @@ impl WeightSource for InitSource {
     fn tensor_shaped(&self, name: &str, shape: &[usize]) -> Result<HostTensor, LoadError> {
         let n: usize = shape.iter().product();
         let data = match name {
-            "embed_tokens.weight" => return Ok(self.embed.clone()),
-            "lm_head.weight" => return Ok(self.head.clone()),
+            "embed_tokens.weight" if self.embed.is_some() => return Ok(self.embed.clone().unwrap()),
+            "lm_head.weight" if self.head.is_some() => return Ok(self.head.clone().unwrap()),
             _ if name.ends_with("norm.weight") => vec![1.0; n],
             _ if name.ends_with(".bias") => vec![0.0; n],
             _ => self.normal(n),
@@ -198,8 +199,27 @@ pub fn new_drafter<B: Backend>(
     };
     let source = InitSource {
         origin: target.path.clone(),
-        embed,
-        head,
+        embed: Some(embed),
+        head: Some(head),
+        std: spec.initializer_range,
+        rng: std::cell::RefCell::new(Rng::new(spec.seed)),
+    };
+    let drafter = Drafter::from_source(&source, &config, device)?;
+    Ok((drafter, config))
+}
+
+/// A drafter with random weights throughout (embedding and head included) for a target of
+/// `target`'s shape: for throughput measurements without the target's files.
+pub fn random_drafter<B: Backend>(
+    target: &TargetConfig,
+    spec: &DrafterSpec,
+    device: &B::Device,
+) -> Result<(Drafter<B>, DrafterConfig), LoadError> {
+    let config = new_config(Path::new("<synthetic target>"), target, spec)?;
+    let source = InitSource {
+        origin: PathBuf::from("<synthetic target>"),
+        embed: None,
+        head: None,
         std: spec.initializer_range,
         rng: std::cell::RefCell::new(Rng::new(spec.seed)),
     };
