@@ -5,10 +5,13 @@
 //! backend and device are chosen once by the caller (the CLI) and passed down.
 
 pub mod backend;
+pub mod cache;
 pub mod error;
 pub mod generate;
 pub mod io;
 pub mod model;
+pub mod prepare;
+pub mod recipe;
 pub mod sampling;
 
 pub use error::LoadError;
