@@ -158,15 +158,17 @@ fn prepare_smollm2_self_instruct_16_validates() {
     assert_eq!(prompts.lines().count(), 16);
 }
 
-#[test]
-fn kill_and_resume_gives_the_same_bytes() {
-    let tmp = tempfile::tempdir().unwrap();
-    // Tiny shards (one or two prompts each) so a kill lands between and inside shards.
-    let r = golden_recipe(tmp.path(), "shard_max_bytes = 120000");
-    let prompts = prompt_file(tmp.path(), 30);
-    let whole = tmp.path().join("whole");
+/// Runs the job once whole, then again killed (`kill -9`) at random moments several times and
+/// resumed; every file must end byte-identical.
+fn kill_and_resume(tmp: &Path, r: &Path, prompts: Option<&Path>, extra: &[&str]) {
+    let job = |out: &Path| {
+        let mut cmd = prepare(r, prompts, out);
+        cmd.args(extra);
+        cmd
+    };
+    let whole = tmp.join("whole");
     let started = Instant::now();
-    ok(&run(&mut prepare(&r, Some(&prompts), &whole)));
+    ok(&run(&mut job(&whole)));
     let full_time = started.elapsed();
     let reference = files(&whole);
     assert!(
@@ -183,11 +185,13 @@ fn kill_and_resume_gives_the_same_bytes() {
         .unwrap()
         .as_nanos() as u64;
     let mut rng = Rng::new(seed);
-    let cut = tmp.path().join("cut");
+    let cut = tmp.join("cut");
     let mut kills = 0;
     for attempt in 0..6 {
-        let delay = full_time.mul_f64(rng.uniform() * 0.9);
-        let mut child = prepare(&r, Some(&prompts), &cut)
+        // Early kills are likelier: later attempts have less work left.
+        let u = rng.uniform();
+        let delay = full_time.mul_f64(u * u * 0.9);
+        let mut child = job(&cut)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -204,7 +208,7 @@ fn kill_and_resume_gives_the_same_bytes() {
             .unwrap_or(0);
         eprintln!("attempt {attempt}: killed after {delay:?}, {done} shards done (seed {seed})");
     }
-    ok(&run(&mut prepare(&r, Some(&prompts), &cut)));
+    ok(&run(&mut job(&cut)));
     assert!(kills > 0, "no run was interrupted (seed {seed})");
     let resumed = files(&cut);
     let names = |f: &[(String, Vec<u8>)]| f.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
@@ -214,8 +218,27 @@ fn kill_and_resume_gives_the_same_bytes() {
     }
     ok(&validate(&cut));
     // A finished cache is left as it is.
-    let again = ok(&run(&mut prepare(&r, Some(&prompts), &cut)));
+    let again = ok(&run(&mut job(&cut)));
     assert!(again.contains("0 written now"), "{again}");
+}
+
+#[test]
+fn kill_and_resume_gives_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Tiny shards (one or two prompts each) so a kill lands between and inside shards.
+    let r = golden_recipe(tmp.path(), "shard_max_bytes = 120000");
+    let prompts = prompt_file(tmp.path(), 30);
+    kill_and_resume(tmp.path(), &r, Some(&prompts), &[]);
+}
+
+#[test]
+fn kill_and_resume_self_instruct_gives_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = golden_recipe(
+        tmp.path(),
+        "shard_max_bytes = 120000\nself_instruct_max_tokens = 10",
+    );
+    kill_and_resume(tmp.path(), &r, None, &["--self-instruct", "24"]);
 }
 
 /// What pyarrow reads from one shard (decoded to f32 by numpy) equals our reader.

@@ -65,7 +65,7 @@ fn stats(dir: &std::path::Path) -> anyhow::Result<()> {
     let m = &reader.manifest;
     let lens = reader.seq_lens()?;
     let bytes: u64 = m.shards.iter().map(|s| s.bytes).sum();
-    let per_token = |b: u64| b as f64 / m.num_tokens.max(1) as f64;
+    let per_token = |b: u64| b as f64 / m.num_tokens as f64;
     let n_layers = m.target_layer_ids.len() as u64;
     let reference =
         m.num_tokens * (6 + 2 * m.hidden_size as u64 * (n_layers + 1)) + 56 * m.num_samples;
@@ -99,10 +99,14 @@ fn stats(dir: &std::path::Path) -> anyhow::Result<()> {
         let mean = lens.iter().sum::<usize>() as f64 / lens.len() as f64;
         println!("seq len:          min {min}, mean {mean:.1}, max {max}");
     }
-    println!(
-        "bytes:            {bytes} ({:.1} bytes/token; the reference layout would take {reference}, {:.1} bytes/token)",
-        per_token(bytes),
-        per_token(reference)
-    );
+    if m.num_tokens > 0 {
+        println!(
+            "bytes:            {bytes} ({:.1} bytes/token; the reference layout would take {reference}, {:.1} bytes/token)",
+            per_token(bytes),
+            per_token(reference)
+        );
+    } else {
+        println!("bytes:            {bytes}");
+    }
     Ok(())
 }

@@ -199,10 +199,17 @@ impl Manifest {
             ));
         }
         if self.job != other.job {
+            let ours = serde_json::to_value(&self.job).expect("job serializes");
+            let theirs = serde_json::to_value(&other.job).expect("job serializes");
+            let key = ours
+                .as_object()
+                .and_then(|o| o.keys().find(|k| ours[k.as_str()] != theirs[k.as_str()]))
+                .cloned()
+                .unwrap_or_default();
             return Err(differs(
-                "job",
-                format!("{:?}", self.job),
-                format!("{:?}", other.job),
+                &format!("job.{key}"),
+                format!("{key} = {}", ours[key.as_str()]),
+                format!("{key} = {}", theirs[key.as_str()]),
             ));
         }
         Ok(())

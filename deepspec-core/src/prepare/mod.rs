@@ -91,6 +91,7 @@ pub fn prepare<B: Backend>(
         if planned.prompts.is_none() {
             // Self-instruct prompts are not known yet: compare everything else now.
             expected.job.prompts_sha256 = m.job.prompts_sha256.clone();
+            expected.job.num_prompts = m.job.num_prompts;
         }
         m.check_same_job(out, &expected)?;
         Some(m)
