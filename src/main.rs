@@ -21,7 +21,10 @@ struct Cli {
 enum Command {
     /// Build a training cache: chat-template prompts, regenerate answers with the target, store
     /// the tapped hidden states as Parquet shards.
-    Prepare(commands::pending::Pending),
+    Prepare(commands::prepare::PrepareArgs),
+    /// Training caches: validate, stats, import a reference DeepSpec cache.
+    #[command(subcommand)]
+    Cache(commands::cache::CacheCommand),
     /// Train an Eagle3, DFlash or DSpark drafter from a recipe on a prepared cache.
     Train(commands::pending::Pending),
     /// Measure accepted length with a verifying speculative-decoding loop on benchmark sets.
@@ -36,7 +39,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Prepare(p) => p.fail("prepare", 4),
+        Command::Prepare(args) => commands::prepare::run(args),
+        Command::Cache(cmd) => commands::cache::run(cmd),
         Command::Train(p) => p.fail("train", 5),
         Command::Eval(p) => p.fail("eval", 6),
         Command::Generate(args) => commands::generate::run(args),

@@ -5,12 +5,15 @@
 //! backend and device are chosen once by the caller (the CLI) and passed down.
 
 pub mod backend;
+pub mod cache;
 pub mod drafter;
 pub mod error;
 pub mod fixtures;
 pub mod generate;
 pub mod io;
 pub mod model;
+pub mod prepare;
+pub mod recipe;
 pub mod sampling;
 
 pub use error::LoadError;

@@ -99,12 +99,19 @@ impl OnBackend for TrainBench {
         type AB<B> = Autodiff<B>;
         let target = preset_config(self.preset);
         let (algorithm, rank, confidence, layers) = match self.algo {
-            Algo::Dspark => (Algorithm::DSpark, 256.min(target.hidden_size / 2), true, self.layers),
+            Algo::Dspark => (
+                Algorithm::DSpark,
+                256.min(target.hidden_size / 2),
+                true,
+                self.layers,
+            ),
             Algo::Dflash => (Algorithm::DFlash, 0, false, self.layers),
             Algo::Eagle3 => (Algorithm::Eagle3, 0, false, 1),
         };
         let h = target.hidden_size;
-        let taps: Vec<usize> = (0..5).map(|i| 1 + i * (target.num_hidden_layers - 3) / 4).collect();
+        let taps: Vec<usize> = (0..5)
+            .map(|i| 1 + i * (target.num_hidden_layers - 3) / 4)
+            .collect();
         let spec = DrafterSpec {
             algorithm,
             num_draft_layers: layers,
@@ -122,13 +129,20 @@ impl OnBackend for TrainBench {
             seed: 0,
             target_model_name_or_path: "synthetic".into(),
         };
-        eprintln!("building a random {:?} drafter of {:?} shape...", self.algo, self.preset);
+        eprintln!(
+            "building a random {:?} drafter of {:?} shape...",
+            self.algo, self.preset
+        );
         let (mut drafter, config) = random_drafter::<AB<B>>(&target, &spec, &device)?;
         let mut rng = Rng::new(1);
         let len = self.seq_len;
-        let normal = |rng: &mut Rng, n: usize| -> Vec<f32> { (0..n).map(|_| (rng.uniform() as f32 - 0.5) * 2.0).collect() };
+        let normal = |rng: &mut Rng, n: usize| -> Vec<f32> {
+            (0..n).map(|_| (rng.uniform() as f32 - 0.5) * 2.0).collect()
+        };
         let sample = Sample {
-            input_ids: (0..len).map(|_| (rng.next_u64() % (target.vocab_size as u64 - 1)) as i64).collect(),
+            input_ids: (0..len)
+                .map(|_| (rng.next_u64() % (target.vocab_size as u64 - 1)) as i64)
+                .collect(),
             loss_mask: (0..len).map(|i| (i >= 16) as u8).collect(),
             target_hidden: normal(&mut rng, len * taps.len() * h),
             target_last_hidden: normal(&mut rng, len * h),
@@ -149,9 +163,19 @@ impl OnBackend for TrainBench {
             seed: 0,
             max_length: len,
             dspark_loss: if algorithm == Algorithm::DSpark {
-                DSparkLossConfig { ce_alpha: 0.1, l1_alpha: 0.9, confidence_alpha: 1.0, decay_gamma: Some(4.0) }
+                DSparkLossConfig {
+                    ce_alpha: 0.1,
+                    l1_alpha: 0.9,
+                    confidence_alpha: 1.0,
+                    decay_gamma: Some(4.0),
+                }
             } else {
-                DSparkLossConfig { ce_alpha: 1.0, l1_alpha: 0.0, confidence_alpha: 0.0, decay_gamma: Some(4.0) }
+                DSparkLossConfig {
+                    ce_alpha: 1.0,
+                    l1_alpha: 0.0,
+                    confidence_alpha: 0.0,
+                    decay_gamma: Some(4.0),
+                }
             },
             tensorboard_dir: None,
             stop_after: None,
@@ -163,13 +187,22 @@ impl OnBackend for TrainBench {
         let mut predictions = 0;
         for step in 0..self.warmup + self.steps {
             let start = Instant::now();
-            let (loss, _, supervised) =
-                deepspec_train::trainer::micro_loss(&drafter, &config, &batch, &mut anchor_rng, &settings);
+            let (loss, _, supervised) = deepspec_train::trainer::micro_loss(
+                &drafter,
+                &config,
+                &batch,
+                &mut anchor_rng,
+                &settings,
+            );
             let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &drafter);
             let (next, report) = optim.step(drafter, &grads, 6e-4);
             drafter = next;
             let elapsed = start.elapsed().as_secs_f64();
-            eprintln!("step {step}: {:.1} ms (grad norm {:.3})", elapsed * 1e3, report.grad_norm);
+            eprintln!(
+                "step {step}: {:.1} ms (grad norm {:.3})",
+                elapsed * 1e3,
+                report.grad_norm
+            );
             if step >= self.warmup {
                 times.push(elapsed);
                 predictions += supervised;
@@ -179,9 +212,19 @@ impl OnBackend for TrainBench {
         let median = times[times.len() / 2];
         let total: f64 = times.iter().sum();
         println!("backend          {}", std::any::type_name::<B>());
-        println!("preset           {:?}, {:?}, {} layers, seq {}, {} anchors x block 7", self.preset, self.algo, layers, len, self.anchors);
-        println!("step             {:.1} ms median of {}", median * 1e3, times.len());
-        println!("draft tokens/s   {:.0} (supervised predictions)", predictions as f64 / total);
+        println!(
+            "preset           {:?}, {:?}, {} layers, seq {}, {} anchors x block 7",
+            self.preset, self.algo, layers, len, self.anchors
+        );
+        println!(
+            "step             {:.1} ms median of {}",
+            median * 1e3,
+            times.len()
+        );
+        println!(
+            "draft tokens/s   {:.0} (supervised predictions)",
+            predictions as f64 / total
+        );
         println!(
             "{}",
             serde_json::json!({"bench": "train", "preset": format!("{:?}", self.preset), "algo": format!("{:?}", self.algo),

@@ -1,3 +1,5 @@
 pub mod bench;
+pub mod cache;
 pub mod generate;
 pub mod pending;
+pub mod prepare;

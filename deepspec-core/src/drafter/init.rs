@@ -175,7 +175,9 @@ impl WeightSource for InitSource {
     fn tensor_shaped(&self, name: &str, shape: &[usize]) -> Result<HostTensor, LoadError> {
         let n: usize = shape.iter().product();
         let data = match name {
-            "embed_tokens.weight" if self.embed.is_some() => return Ok(self.embed.clone().unwrap()),
+            "embed_tokens.weight" if self.embed.is_some() => {
+                return Ok(self.embed.clone().unwrap())
+            }
             "lm_head.weight" if self.head.is_some() => return Ok(self.head.clone().unwrap()),
             _ if name.ends_with("norm.weight") => vec![1.0; n],
             _ if name.ends_with(".bias") => vec![0.0; n],

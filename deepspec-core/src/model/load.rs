@@ -215,3 +215,24 @@ pub fn build_target<B: Backend>(
         lm_head,
     })
 }
+
+/// The config and tokenizer of the target at `path`, without loading its weights (for
+/// estimates and checks that must run before any heavy work).
+pub fn load_target_meta(path: &Path) -> Result<(TargetConfig, Tok), LoadError> {
+    let is_gguf = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if is_gguf {
+        let file = GgufFile::open(path)?;
+        let has_output = file.gguf_tensor_names().any(|n| n == "output.weight");
+        Ok((
+            TargetConfig::from_gguf(&file, has_output)?,
+            Tok::from_gguf(&file)?,
+        ))
+    } else {
+        Ok((
+            TargetConfig::from_hf_json(&path.join("config.json"))?,
+            Tok::from_hf_dir(path)?,
+        ))
+    }
+}

@@ -15,7 +15,7 @@ pub mod transformer;
 
 pub use config::{Family, TargetConfig};
 pub use kv_cache::KvCache;
-pub use load::{load_target, LoadedTarget};
+pub use load::{load_target, load_target_meta, LoadedTarget};
 pub use transformer::{LogitsFor, TargetModel, TargetOutput};
 
 use crate::io::HostTensor;

@@ -1,0 +1,292 @@
+//! `deepspec prepare`: prompts → regenerated answers → target hidden states in a Parquet
+//! cache. Resumable: shard `k` answers a fixed range of prompts, each prompt samples from its
+//! own seeded generator, and the manifest lists finished shards, so a re-run after a crash
+//! writes only the missing shards and ends with the same bytes as an uninterrupted run.
+//!
+//! - [`prompts`]: JSONL prompt files (reference, OpenAI, ShareGPT shapes);
+//! - [`answer`]: answer regeneration and self-instruct prompts;
+//! - [`target_pass`]: the forward that captures the hidden states;
+//! - [`plan`]: identity, estimate and shard plan.
+
+pub mod answer;
+pub mod plan;
+pub mod prompts;
+pub mod target_pass;
+
+pub use plan::{estimate, Estimate, PrepareOptions, PromptSource};
+pub use prompts::{Conversation, OnBadLine};
+
+use crate::cache::manifest::{shard_file_name, write_atomically};
+use crate::cache::{Manifest, ShardEntry, ShardWriter};
+use crate::generate::GenerateParams;
+use crate::io::chat::{tokenize_conversation, ChatTemplate};
+use crate::model::load_target;
+use answer::AnswerSettings;
+use anyhow::Context;
+use burn::tensor::backend::Backend;
+use std::time::Instant;
+
+/// Throughput so far, for progress display and the final report.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Throughput {
+    pub generated_tokens: u64,
+    pub generation_secs: f64,
+    pub target_tokens: u64,
+    pub target_secs: f64,
+}
+
+impl Throughput {
+    pub fn generation_rate(&self) -> f64 {
+        self.generated_tokens as f64 / self.generation_secs.max(1e-9)
+    }
+
+    pub fn target_rate(&self) -> f64 {
+        self.target_tokens as f64 / self.target_secs.max(1e-9)
+    }
+}
+
+/// Where a run reports what it is doing (the CLI draws a progress bar).
+pub trait Progress {
+    /// A phase of `units` steps starts.
+    fn begin(&self, phase: &str, units: u64);
+    fn advance(&self, units: u64, throughput: &Throughput);
+    fn warn(&self, message: &str);
+    fn finish(&self);
+}
+
+/// A `Progress` that prints nothing.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn begin(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64, _: &Throughput) {}
+    fn warn(&self, _: &str) {}
+    fn finish(&self) {}
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct PrepareReport {
+    pub manifest: Manifest,
+    pub throughput: Throughput,
+    pub shards_written: usize,
+    pub shards_kept: usize,
+}
+
+/// Runs (or resumes) a prepare job on device `device`.
+pub fn prepare<B: Backend>(
+    opts: &PrepareOptions,
+    device: &B::Device,
+    progress: &dyn Progress,
+) -> anyhow::Result<PrepareReport> {
+    let recipe = &opts.recipe;
+    let out = &opts.out;
+    // Identity, layer check and an existing cache's compatibility come before any heavy work.
+    let mut planned = plan::plan_job(opts)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    remove_temporaries(out)?;
+    let existing = if Manifest::path(out).exists() {
+        let m = Manifest::load(out)?;
+        let mut expected = planned.manifest.clone();
+        if planned.prompts.is_none() {
+            // Self-instruct prompts are not known yet: compare everything else now.
+            expected.job.prompts_sha256 = m.job.prompts_sha256.clone();
+            expected.job.num_prompts = m.job.num_prompts;
+        }
+        m.check_same_job(out, &expected)?;
+        Some(m)
+    } else {
+        None
+    };
+
+    let target =
+        load_target::<B>(&recipe.model.target_model_name_or_path, device).with_context(|| {
+            format!(
+                "loading the target model {} (recipe field `model.target_model_name_or_path`)",
+                recipe.model.target_model_name_or_path.display()
+            )
+        })?;
+    let template = ChatTemplate::for_tokenizer(&target.tokenizer)
+        .context("compiling the model's chat template")?;
+    let stop_ids = answer::stop_ids(&target, &planned.format, &recipe.prepare.stop_tokens)?;
+    let p = &recipe.prepare;
+    let settings = AnswerSettings {
+        params: GenerateParams {
+            max_new_tokens: p.max_new_tokens,
+            sampling: crate::sampling::SamplingParams {
+                temperature: p.temperature,
+                top_k: p.top_k,
+                top_p: p.top_p,
+            },
+            stop_ids,
+        },
+        enable_thinking: p.enable_thinking,
+        max_length: recipe.data.max_length,
+        seed: p.seed,
+    };
+    let mut throughput = Throughput::default();
+
+    let prompts_file = out.join(plan::PROMPTS_FILE);
+    let prompts = match planned.prompts.take() {
+        Some(prompts) => prompts,
+        None => {
+            let reuse = existing.as_ref().and_then(|m| {
+                let text = std::fs::read_to_string(&prompts_file).ok()?;
+                (Some(plan::sha256_hex(text.as_bytes())) == m.job.prompts_sha256)
+                    .then(|| plan::parse_prompts_jsonl(&text))
+            });
+            match reuse {
+                Some(prompts) => prompts?,
+                None => {
+                    let count = planned.self_instruct.unwrap_or(0);
+                    progress.begin("self-instruct", count as u64);
+                    let mut si = settings.clone();
+                    si.params.max_new_tokens = p.self_instruct_max_tokens;
+                    let started = Instant::now();
+                    let mut kept_before = 0;
+                    let prompts = answer::self_instruct(
+                        &target,
+                        &template,
+                        &planned.format,
+                        count,
+                        &si,
+                        p.batch_size,
+                        |kept, tokens| {
+                            throughput.generated_tokens += tokens;
+                            throughput.generation_secs = started.elapsed().as_secs_f64();
+                            progress.advance((kept - kept_before) as u64, &throughput);
+                            kept_before = kept;
+                        },
+                    )?;
+                    progress.finish();
+                    if prompts.len() < count {
+                        progress.warn(&format!(
+                            "self-instruct wrote only {} distinct prompts of {count} asked",
+                            prompts.len()
+                        ));
+                    }
+                    prompts
+                }
+            }
+        }
+    };
+    let jsonl = prompts::to_jsonl(&prompts);
+    planned.set_prompts(&jsonl, prompts.len() as u64);
+    let mut manifest = match existing {
+        Some(m) => {
+            m.check_same_job(out, &planned.manifest)?;
+            m
+        }
+        None => planned.manifest.clone(),
+    };
+    if std::fs::read_to_string(&prompts_file).ok().as_deref() != Some(jsonl.as_str()) {
+        write_atomically(&prompts_file, jsonl.as_bytes())?;
+    }
+    manifest.recount();
+    manifest.store(out)?;
+
+    let per_shard = manifest.job.prompts_per_shard;
+    let layout = planned.layout.clone();
+    let todo: Vec<u64> = (0..manifest.num_shards_planned)
+        .filter(|&k| !shard_is_done(out, &manifest, k))
+        .collect();
+    let kept = manifest.num_shards_planned as usize - todo.len();
+    manifest.shards.retain(|s| !todo.contains(&s.shard_id));
+    let units: u64 = todo
+        .iter()
+        .map(|&k| 2 * (((k + 1) * per_shard).min(prompts.len() as u64) - k * per_shard))
+        .sum();
+    progress.begin("prepare", units);
+    let batch_size = p.batch_size;
+    for &k in &todo {
+        let start = k * per_shard;
+        let end = ((k + 1) * per_shard).min(prompts.len() as u64);
+        let file_name = shard_file_name(k);
+        let mut writer = ShardWriter::create(&out.join(&file_name), &layout)?;
+        for chunk_start in (start..end).step_by(batch_size) {
+            let chunk_end = (chunk_start + batch_size as u64).min(end);
+            let sources: Vec<u64> = (chunk_start..chunk_end).collect();
+            let batch = &prompts[chunk_start as usize..chunk_end as usize];
+            let started = Instant::now();
+            let (answered, generated) =
+                answer::answer_batch(&target, &template, batch, &sources, &settings)?;
+            throughput.generated_tokens += generated;
+            throughput.generation_secs += started.elapsed().as_secs_f64();
+            progress.advance(batch.len() as u64, &throughput);
+
+            let mut tokenized = Vec::new();
+            let mut kept_sources = Vec::new();
+            for (conversation, &source) in answered.iter().zip(&sources) {
+                let chat = tokenize_conversation(
+                    &target.tokenizer,
+                    &template,
+                    &planned.format,
+                    conversation,
+                    recipe.data.max_length,
+                )
+                .with_context(|| format!("tokenizing prompt {source}"))?;
+                let trained: usize = chat.loss_mask.iter().map(|&m| m as usize).sum();
+                if trained >= recipe.data.min_loss_tokens && !chat.input_ids.is_empty() {
+                    tokenized.push(chat);
+                    kept_sources.push(source);
+                }
+            }
+            let started = Instant::now();
+            let samples = target_pass::target_pass(
+                &target,
+                &tokenized,
+                &kept_sources,
+                &recipe.model.target_layer_ids,
+                layout.hidden_dtype,
+            );
+            for sample in &samples {
+                writer.push(sample)?;
+            }
+            throughput.target_tokens += samples.iter().map(|s| s.seq_len() as u64).sum::<u64>();
+            throughput.target_secs += started.elapsed().as_secs_f64();
+            progress.advance(batch.len() as u64, &throughput);
+        }
+        let summary = writer.finish()?;
+        manifest.shards.push(ShardEntry {
+            file_name,
+            shard_id: k,
+            source_start: start,
+            source_end: end,
+            first_sample: 0,
+            num_samples: summary.num_samples,
+            num_tokens: summary.num_tokens,
+            num_loss_tokens: summary.num_loss_tokens,
+            bytes: summary.bytes,
+            sha256: summary.sha256,
+        });
+        manifest.recount();
+        manifest.store(out)?;
+    }
+    progress.finish();
+    Ok(PrepareReport {
+        manifest,
+        throughput,
+        shards_written: todo.len(),
+        shards_kept: kept,
+    })
+}
+
+/// A shard counts as done when the manifest lists it and its file has the listed size (a
+/// full check is `deepspec cache validate`).
+fn shard_is_done(dir: &std::path::Path, manifest: &Manifest, k: u64) -> bool {
+    manifest.shards.iter().any(|s| {
+        s.shard_id == k
+            && std::fs::metadata(dir.join(&s.file_name)).is_ok_and(|m| m.len() == s.bytes)
+    })
+}
+
+/// Deletes what an interrupted run left half-written (`*.tmp`).
+fn remove_temporaries(dir: &std::path::Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "tmp") {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}

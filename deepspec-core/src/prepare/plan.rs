@@ -1,0 +1,279 @@
+//! Before any heavy work: the job's identity (target and tokenizer hashes, layers, settings),
+//! its shard plan, and the `--estimate` figures.
+
+use super::prompts::{self, Conversation, OnBadLine};
+use crate::cache::manifest::{FORMAT_NAME, FORMAT_VERSION};
+use crate::cache::{HiddenDtype, JobSettings, Manifest, ShardLayout, TargetIdentity};
+use crate::io::chat::{ChatTemplate, TurnFormat};
+use crate::model::load_target_meta;
+use crate::recipe::Recipe;
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// The normalized prompt list kept in the cache folder.
+pub const PROMPTS_FILE: &str = "prompts.jsonl";
+
+/// Parquet and page overhead allowed per sample when sizing shards.
+const SAMPLE_OVERHEAD_BYTES: u64 = 4096;
+
+#[derive(Debug, Clone)]
+pub enum PromptSource {
+    File {
+        path: PathBuf,
+        on_bad_line: OnBadLine,
+    },
+    /// The target writes this many user prompts itself.
+    SelfInstruct(usize),
+}
+
+#[derive(Debug, Clone)]
+pub struct PrepareOptions {
+    pub recipe: Recipe,
+    /// Where the recipe was read from (for error messages).
+    pub recipe_path: PathBuf,
+    pub source: PromptSource,
+    /// Use only the first N prompts.
+    pub limit: Option<usize>,
+    pub out: PathBuf,
+}
+
+pub(crate) struct Planned {
+    pub manifest: Manifest,
+    pub layout: ShardLayout,
+    pub format: TurnFormat,
+    /// Known up front for prompt files; `None` until self-instruct has run.
+    pub prompts: Option<Vec<Conversation>>,
+    pub self_instruct: Option<usize>,
+}
+
+impl Planned {
+    pub fn set_prompts(&mut self, jsonl: &str, count: u64) {
+        self.manifest.job.prompts_sha256 = Some(sha256_hex(jsonl.as_bytes()));
+        self.manifest.job.num_prompts = count;
+        self.manifest.num_shards_planned = count.div_ceil(self.manifest.job.prompts_per_shard);
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    crate::cache::writer::hex(&Sha256::digest(bytes))
+}
+
+/// SHA-256 over a target's weight files: the GGUF file, or a folder's `config.json` and
+/// `*.safetensors` in name order (each file's name and bytes).
+pub fn target_sha256(path: &Path) -> anyhow::Result<String> {
+    let mut files = Vec::new();
+    if path.is_dir() {
+        for entry in
+            std::fs::read_dir(path).with_context(|| format!("listing {}", path.display()))?
+        {
+            let p = entry?.path();
+            let name = p
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+            if name == "config.json" || name.ends_with(".safetensors") {
+                files.push(p);
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut hasher = Sha256::new();
+    for f in files {
+        hasher.update(
+            f.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .as_bytes(),
+        );
+        let mut file =
+            std::fs::File::open(&f).with_context(|| format!("opening {}", f.display()))?;
+        std::io::copy(&mut file, &mut hasher)
+            .with_context(|| format!("reading {}", f.display()))?;
+    }
+    Ok(crate::cache::writer::hex(&hasher.finalize()))
+}
+
+pub fn parse_prompts_jsonl(text: &str) -> anyhow::Result<Vec<Conversation>> {
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            prompts::parse_line(line).map_err(|(field, detail)| {
+                anyhow::anyhow!("{PROMPTS_FILE}:{}: field `{field}`: {detail}", i + 1)
+            })
+        })
+        .collect()
+}
+
+fn read_source(
+    opts: &PrepareOptions,
+    warn: &mut dyn FnMut(&str),
+) -> anyhow::Result<(Option<Vec<Conversation>>, Option<usize>)> {
+    Ok(match &opts.source {
+        PromptSource::File { path, on_bad_line } => (
+            Some(prompts::read_prompts(path, *on_bad_line, opts.limit, warn)?),
+            None,
+        ),
+        PromptSource::SelfInstruct(n) => {
+            let n = opts.limit.map_or(*n, |l| l.min(*n));
+            anyhow::ensure!(n > 0, "--self-instruct needs a positive count");
+            (None, Some(n))
+        }
+    })
+}
+
+/// Reads the recipe's target metadata (not its weights) and builds the job's manifest.
+pub(crate) fn plan_job(opts: &PrepareOptions) -> anyhow::Result<Planned> {
+    plan_job_warn(opts, &mut |m| eprintln!("warning: {m}"))
+}
+
+fn plan_job_warn(opts: &PrepareOptions, warn: &mut dyn FnMut(&str)) -> anyhow::Result<Planned> {
+    let recipe = &opts.recipe;
+    let target_path = &recipe.model.target_model_name_or_path;
+    let (config, tok) = load_target_meta(target_path).with_context(|| {
+        format!(
+            "{}: recipe field `model.target_model_name_or_path` = {}",
+            opts.recipe_path.display(),
+            target_path.display()
+        )
+    })?;
+    recipe.check_layers(&opts.recipe_path, config.num_hidden_layers)?;
+    let template =
+        ChatTemplate::for_tokenizer(&tok).context("compiling the model's chat template")?;
+    let format = match &recipe.data.chat_template {
+        Some(name) => TurnFormat::by_name(name).expect("validated with the recipe"),
+        None => template.format.with_context(|| {
+            format!(
+                "{}: field `data.chat_template`: the target's chat template is not one deepspec recognises; set it to qwen, chatml, gemma4 or gemma",
+                opts.recipe_path.display()
+            )
+        })?,
+    };
+    let (prompts, self_instruct) = read_source(opts, warn)?;
+    let p = &recipe.prepare;
+    let layout = ShardLayout {
+        hidden_size: config.hidden_size,
+        target_layer_ids: recipe.model.target_layer_ids.clone(),
+        hidden_dtype: p.hidden_dtype,
+    };
+    let per_sample = recipe.data.max_length as u64
+        * p.hidden_dtype
+            .bytes_per_token(config.hidden_size, layout.target_layer_ids.len()) as u64
+        + SAMPLE_OVERHEAD_BYTES;
+    let prompts_per_shard = (p.shard_max_bytes / per_sample).max(1);
+    let manifest = Manifest {
+        format: FORMAT_NAME.into(),
+        version: FORMAT_VERSION,
+        complete: false,
+        target: TargetIdentity {
+            name_or_path: target_path.display().to_string(),
+            sha256: Some(target_sha256(target_path)?),
+            num_layers: Some(config.num_hidden_layers),
+            vocab_size: Some(config.vocab_size),
+        },
+        tokenizer_sha256: Some(sha256_hex(tok.to_json().as_bytes())),
+        target_layer_ids: layout.target_layer_ids.clone(),
+        hidden_size: config.hidden_size,
+        hidden_dtype: p.hidden_dtype,
+        token_dtype: "int32".into(),
+        job: JobSettings {
+            source: match self_instruct {
+                Some(n) => format!("self-instruct:{n}"),
+                None => "prompts".into(),
+            },
+            prompts_sha256: None,
+            num_prompts: 0,
+            chat_template: Some(format.name.into()),
+            max_length: recipe.data.max_length,
+            min_loss_tokens: recipe.data.min_loss_tokens,
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k,
+            max_new_tokens: p.max_new_tokens,
+            stop_tokens: p.stop_tokens.clone(),
+            enable_thinking: p.enable_thinking,
+            seed: p.seed,
+            prompts_per_shard,
+        },
+        num_shards_planned: 0,
+        num_samples: 0,
+        num_tokens: 0,
+        num_loss_tokens: 0,
+        shards: Vec::new(),
+    };
+    let mut planned = Planned {
+        manifest,
+        layout,
+        format,
+        prompts: None,
+        self_instruct,
+    };
+    if let Some(prompts) = prompts {
+        planned.set_prompts(&prompts::to_jsonl(&prompts), prompts.len() as u64);
+        planned.prompts = Some(prompts);
+    }
+    Ok(planned)
+}
+
+/// Upper bounds of a job's size, computed before any generation.
+#[derive(Debug, Clone)]
+pub struct Estimate {
+    pub samples: u64,
+    /// Σ min(max_length, prompt tokens + turns × max_new_tokens).
+    pub max_tokens: u64,
+    pub hidden_dtype: HiddenDtype,
+    pub bytes_per_token: u64,
+    /// Our Parquet payload for `max_tokens`.
+    pub bytes: u64,
+    /// The reference's binary layout for the same tokens (bf16, + 56-byte index records).
+    pub reference_bytes: u64,
+    pub shards: u64,
+}
+
+/// Prints nothing and loads no weights: the tokenizer renders each prompt to count tokens.
+pub fn estimate(opts: &PrepareOptions) -> anyhow::Result<Estimate> {
+    let planned = plan_job(opts)?;
+    let recipe = &opts.recipe;
+    let (config, tok) = load_target_meta(&recipe.model.target_model_name_or_path)?;
+    let template = ChatTemplate::for_tokenizer(&tok)?;
+    let max_length = recipe.data.max_length as u64;
+    let max_new = recipe.prepare.max_new_tokens as u64;
+    let (samples, max_tokens) = match &planned.prompts {
+        Some(prompts) => {
+            let mut tokens = 0;
+            for c in prompts {
+                let asked: Vec<_> = c
+                    .iter()
+                    .filter(|m| m.role != "assistant")
+                    .cloned()
+                    .collect();
+                let turns = asked.iter().filter(|m| m.role == "user").count() as u64;
+                let text = template.render(&asked, true, Some(recipe.prepare.enable_thinking))?;
+                let prompt_tokens = tok.encode(&text)?.len() as u64;
+                tokens += max_length.min(prompt_tokens + turns * max_new);
+            }
+            (prompts.len() as u64, tokens)
+        }
+        None => {
+            let n = planned.self_instruct.unwrap_or(0) as u64;
+            let per = max_length.min(64 + recipe.prepare.self_instruct_max_tokens as u64 + max_new);
+            (n, n * per)
+        }
+    };
+    let n_layers = recipe.model.target_layer_ids.len();
+    let dtype = recipe.prepare.hidden_dtype;
+    let bytes_per_token = dtype.bytes_per_token(config.hidden_size, n_layers) as u64;
+    let reference_per_token = 4 + 1 + 1 + 2 * config.hidden_size as u64 * (n_layers as u64 + 1);
+    Ok(Estimate {
+        samples,
+        max_tokens,
+        hidden_dtype: dtype,
+        bytes_per_token,
+        bytes: max_tokens * bytes_per_token + samples * SAMPLE_OVERHEAD_BYTES,
+        reference_bytes: max_tokens * reference_per_token + samples * 56,
+        shards: samples.div_ceil(planned.manifest.job.prompts_per_shard),
+    })
+}

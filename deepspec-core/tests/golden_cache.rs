@@ -1,0 +1,91 @@
+//! The reference's own target cache (golden `cache/`) imported into ours: every value equal
+//! to what the reference collator produced from it (golden `inputs.safetensors`).
+
+mod common;
+
+use common::golden_dir;
+use deepspec_core::cache::reference::{import_reference, ReferenceCache};
+use deepspec_core::cache::{validate, CacheReader};
+use deepspec_core::io::safetensors::SafetensorsFile;
+
+#[test]
+fn golden_cache_import() {
+    let golden = golden_dir();
+    let dst = tempfile::tempdir().unwrap();
+    let out = dst.path().join("imported");
+    let manifest = import_reference(&golden.join("cache"), &out, 1 << 30).unwrap();
+    assert!(manifest.complete);
+    assert_eq!(manifest.target.name_or_path, "target");
+    assert_eq!(manifest.target_layer_ids, vec![0, 1, 2, 3, 4]);
+    let report = validate(&out).unwrap();
+    assert_eq!(report.num_samples, 2);
+
+    let inputs = SafetensorsFile::open(golden.join("inputs.safetensors")).unwrap();
+    let (shape, ids) = inputs.i64("input_ids").unwrap();
+    let (_, loss) = inputs.i64("loss_mask").unwrap();
+    let (_, attention) = inputs.i64("attention_mask").unwrap();
+    let hidden = inputs.f32("target_hidden_states").unwrap();
+    let last = inputs.f32("target_last_hidden_states").unwrap();
+    let (batch, seq) = (shape[0], shape[1]);
+    let width = hidden.shape[2];
+    let h = last.shape[2];
+
+    let reader = CacheReader::open(&out).unwrap();
+    assert_eq!(reader.len(), batch as u64);
+    for b in 0..batch {
+        let sample = reader.sample(b as u64).unwrap();
+        let len = sample.seq_len();
+        assert_eq!(
+            len as i64,
+            attention[b * seq..(b + 1) * seq].iter().sum::<i64>(),
+            "sample {b}: length"
+        );
+        let ids_ref: Vec<u32> = ids[b * seq..b * seq + len]
+            .iter()
+            .map(|&v| v as u32)
+            .collect();
+        assert_eq!(sample.input_ids, ids_ref, "sample {b}: input_ids");
+        let loss_ref: Vec<u8> = loss[b * seq..b * seq + len]
+            .iter()
+            .map(|&v| v as u8)
+            .collect();
+        assert_eq!(sample.loss_mask, loss_ref, "sample {b}: loss_mask");
+        let ours = sample.hidden.to_f32();
+        let theirs = &hidden.data[b * seq * width..(b * seq + len) * width];
+        assert!(ours == theirs, "sample {b}: target_hidden_states differ");
+        let ours = sample.last_hidden.to_f32();
+        let theirs = &last.data[b * seq * h..(b * seq + len) * h];
+        assert!(
+            ours == theirs,
+            "sample {b}: target_last_hidden_states differ"
+        );
+    }
+}
+
+#[test]
+fn golden_cache_import_copies_reference_bits() {
+    let golden = golden_dir();
+    let reference = ReferenceCache::open(&golden.join("cache")).unwrap();
+    let shard = std::fs::read(reference.shard_file(0)).unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    import_reference(&golden.join("cache"), dst.path(), 1 << 30).unwrap();
+    let reader = CacheReader::open(dst.path()).unwrap();
+    for i in 0..reference.records.len() {
+        let theirs = reference.sample(i, &shard).unwrap();
+        let ours = reader.sample(i as u64).unwrap();
+        assert_eq!(ours, theirs, "sample {i}");
+    }
+}
+
+#[test]
+fn import_refuses_a_folder_that_is_not_a_reference_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("manifest.json"), r#"{"version": 2}"#).unwrap();
+    let err = import_reference(dir.path(), &dir.path().join("out"), 1 << 30)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("manifest.json") && err.contains("num_samples"),
+        "{err}"
+    );
+}

@@ -1,0 +1,205 @@
+//! `deepspec prepare`: build (or resume) a training cache from a recipe and prompts.
+
+use crate::device::{dispatch, DeviceKind, OnBackend};
+use anyhow::Context;
+use burn::tensor::backend::Backend;
+use deepspec_core::cache::HiddenDtype;
+use deepspec_core::prepare::{self, OnBadLine, PrepareOptions, Progress, PromptSource, Throughput};
+use deepspec_core::recipe::Recipe;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::cell::RefCell;
+use std::path::PathBuf;
+
+/// Prompts the target writes itself when no prompt file is given.
+const DEFAULT_SELF_INSTRUCT: usize = 16;
+
+#[derive(clap::Args, Debug, Clone)]
+#[command(after_help = "\
+Re-running the same command after an interruption (even kill -9) finishes the job: finished \
+shards are kept and the result is byte-identical to an uninterrupted run. A cache made with a \
+different target, tokenizer, layer set or settings is refused.")]
+pub struct PrepareArgs {
+    /// Recipe (TOML): [model] target_model_name_or_path, target_layer_ids; [data]; [prepare].
+    #[arg(long)]
+    pub recipe: PathBuf,
+    /// JSONL prompts: {"turns": [...]}, {"messages": [...]} (OpenAI) or {"conversations":
+    /// [...]} (ShareGPT). Without it the target writes its own prompts (--self-instruct).
+    #[arg(long, conflicts_with = "self_instruct")]
+    pub prompts: Option<PathBuf>,
+    /// Let the target write N distinct user prompts, then answer them [default: 16 when no
+    /// --prompts is given].
+    #[arg(long, value_name = "N")]
+    pub self_instruct: Option<usize>,
+    /// Use only the first N prompts.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Cache folder (created; an existing cache of the same job is resumed).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// What to do with a malformed prompt line: `fail` stops naming file, line and field;
+    /// `skip` reports it and goes on.
+    #[arg(long, value_enum, default_value_t = BadLine::Fail)]
+    pub on_bad_line: BadLine,
+    /// Hidden-state storage: bf16 (as the reference) or fp8 (e4m3 with per-vector scale,
+    /// half the bytes). Overrides the recipe's `prepare.hidden_dtype`.
+    #[arg(long, value_parser = parse_dtype)]
+    pub hidden_dtype: Option<HiddenDtype>,
+    /// Print the number of samples, tokens and bytes (upper bounds) and exit without work.
+    #[arg(long)]
+    pub estimate: bool,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BadLine {
+    Fail,
+    Skip,
+}
+
+fn parse_dtype(s: &str) -> Result<HiddenDtype, String> {
+    s.parse()
+}
+
+impl PrepareArgs {
+    fn options(&self) -> anyhow::Result<PrepareOptions> {
+        let mut recipe = Recipe::load(&self.recipe)?;
+        if let Some(dtype) = self.hidden_dtype {
+            recipe.prepare.hidden_dtype = dtype;
+        }
+        let source = match &self.prompts {
+            Some(path) => PromptSource::File {
+                path: path.clone(),
+                on_bad_line: match self.on_bad_line {
+                    BadLine::Fail => OnBadLine::Fail,
+                    BadLine::Skip => OnBadLine::Skip,
+                },
+            },
+            None => PromptSource::SelfInstruct(self.self_instruct.unwrap_or(DEFAULT_SELF_INSTRUCT)),
+        };
+        Ok(PrepareOptions {
+            recipe,
+            recipe_path: self.recipe.clone(),
+            source,
+            limit: self.limit,
+            out: self.out.clone(),
+        })
+    }
+}
+
+pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
+    if args.estimate {
+        let opts = args.options()?;
+        let e = prepare::estimate(&opts)?;
+        println!("samples:          {}", e.samples);
+        println!("tokens (at most): {}", e.max_tokens);
+        println!(
+            "bytes (at most):  {} ({} hidden, {} B/token, {} shards)",
+            e.bytes,
+            e.hidden_dtype.name(),
+            e.bytes_per_token,
+            e.shards
+        );
+        println!("reference layout: {} bytes", e.reference_bytes);
+        return Ok(());
+    }
+    dispatch(args.device, args)
+}
+
+/// The progress bar: prompts answered and passed through the target, with tokens/s of both
+/// phases and the ETA.
+struct Bar {
+    bar: RefCell<Option<ProgressBar>>,
+    quiet: bool,
+}
+
+impl Progress for Bar {
+    fn begin(&self, phase: &str, units: u64) {
+        if self.quiet {
+            return;
+        }
+        let bar = ProgressBar::new(units);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>13} [{bar:30}] {pos}/{len} {msg} (elapsed {elapsed}, ETA {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(phase.to_string());
+        *self.bar.borrow_mut() = Some(bar);
+    }
+
+    fn advance(&self, units: u64, t: &Throughput) {
+        if let Some(bar) = &*self.bar.borrow() {
+            bar.inc(units);
+            bar.set_message(format!(
+                "generate {:.0} tok/s, target pass {:.0} tok/s",
+                t.generation_rate(),
+                t.target_rate()
+            ));
+        }
+    }
+
+    fn warn(&self, message: &str) {
+        match &*self.bar.borrow() {
+            Some(bar) => bar.println(format!("warning: {message}")),
+            None => eprintln!("warning: {message}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = self.bar.borrow_mut().take() {
+            bar.finish();
+        }
+    }
+}
+
+impl OnBackend for PrepareArgs {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        let opts = self.options()?;
+        let bar = Bar {
+            bar: RefCell::new(None),
+            quiet: self.quiet,
+        };
+        let report = prepare::prepare::<B>(&opts, &device, &bar)
+            .with_context(|| format!("preparing {}", opts.out.display()))?;
+        let m = &report.manifest;
+        let t = &report.throughput;
+        eprintln!(
+            "{}: {} samples, {} tokens ({} trained) in {} shards ({} written now, {} kept)",
+            opts.out.display(),
+            m.num_samples,
+            m.num_tokens,
+            m.num_loss_tokens,
+            m.shards.len(),
+            report.shards_written,
+            report.shards_kept
+        );
+        if report.shards_written > 0 {
+            eprintln!(
+                "generation: {} tokens in {:.1} s ({:.1} tok/s); target pass: {} tokens in {:.1} s ({:.1} tok/s)",
+                t.generated_tokens,
+                t.generation_secs,
+                t.generation_rate(),
+                t.target_tokens,
+                t.target_secs,
+                t.target_rate()
+            );
+        }
+        let bytes: u64 = m.shards.iter().map(|s| s.bytes).sum();
+        if m.num_tokens > 0 {
+            eprintln!(
+                "cache: {bytes} bytes, {:.1} bytes/token ({})",
+                bytes as f64 / m.num_tokens as f64,
+                m.hidden_dtype.name()
+            );
+        }
+        Ok(())
+    }
+}
