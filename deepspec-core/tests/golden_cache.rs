@@ -1,11 +1,9 @@
 //! The reference's own target cache (golden `cache/`) imported into ours: every value equal
 //! to what the reference collator produced from it (golden `inputs.safetensors`).
 
-mod common;
-
-use common::golden_dir;
 use deepspec_core::cache::reference::{import_reference, ReferenceCache};
 use deepspec_core::cache::{validate, CacheReader};
+use deepspec_core::fixtures::golden_dir;
 use deepspec_core::io::safetensors::SafetensorsFile;
 
 #[test]
