@@ -69,9 +69,9 @@ fn write_cache(dir: &Path, dtype: HiddenDtype, samples: &[CacheSample]) -> Manif
             stop_tokens: Vec::new(),
             enable_thinking: false,
             seed: 0,
-            prompts_per_shard: samples.len() as u64,
+            batch_size: 1,
+            shard_max_bytes: 1 << 30,
         },
-        num_shards_planned: 1,
         num_samples: 0,
         num_tokens: 0,
         num_loss_tokens: 0,
@@ -153,11 +153,11 @@ fn validate_names_the_corrupt_shard_and_an_unfinished_cache() {
         "{err}"
     );
 
-    manifest.num_shards_planned = 2;
+    manifest.job.num_prompts = 5;
     manifest.recount();
     manifest.store(dir.path()).unwrap();
     let err = validate(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("complete") && err.contains("1 of 2"), "{err}");
+    assert!(err.contains("complete") && err.contains("3 of 5"), "{err}");
 }
 
 #[test]

@@ -242,14 +242,14 @@ pub fn validate(dir: &Path) -> Result<ValidationReport, CacheError> {
             ),
         ));
     }
-    if !m.complete || m.shards.len() as u64 != m.num_shards_planned {
+    if !m.complete || m.prompts_covered() != m.job.num_prompts {
         return Err(CacheError::field(
             &manifest_path,
             "complete",
             format!(
-                "the cache is unfinished: {} of {} shards written (re-run the same `deepspec prepare` command to finish it)",
-                m.shards.len(),
-                m.num_shards_planned
+                "the cache is unfinished: its shards answer {} of {} prompts (re-run the same `deepspec prepare` command to finish it)",
+                m.prompts_covered(),
+                m.job.num_prompts
             ),
         ));
     }
@@ -272,6 +272,21 @@ pub fn validate(dir: &Path) -> Result<ValidationReport, CacheError> {
             ));
         }
         expected_first += shard.num_samples;
+        let expected_start = if k == 0 {
+            0
+        } else {
+            m.shards[k - 1].source_end
+        };
+        if shard.source_start != expected_start || shard.source_end < shard.source_start {
+            return Err(CacheError::field(
+                &manifest_path,
+                field("source_start"),
+                format!(
+                    "shard covers prompts [{}, {}), expected it to start at {expected_start}",
+                    shard.source_start, shard.source_end
+                ),
+            ));
+        }
         let path = reader.shard_path(&shard.file_name);
         let size = std::fs::metadata(&path)
             .map_err(|e| CacheError::io(&path, e))?
