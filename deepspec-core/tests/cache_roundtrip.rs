@@ -174,3 +174,29 @@ fn a_sample_with_wrong_shapes_is_refused_by_the_writer() {
     let err = writer.push(&s).unwrap_err().to_string();
     assert!(err.contains("loss_mask"), "{err}");
 }
+
+#[test]
+fn one_sample_reads_without_the_rest_of_the_shard() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let dir = tempfile::tempdir().unwrap();
+    let samples: Vec<CacheSample> = (0..3).map(|i| sample(i, 6, HiddenDtype::Bf16).0).collect();
+    write_cache(dir.path(), HiddenDtype::Bf16, &samples);
+    let shard = dir.path().join("shard-00000.parquet");
+    let meta = SerializedFileReader::new(std::fs::File::open(&shard).unwrap())
+        .unwrap()
+        .metadata()
+        .clone();
+    assert_eq!(meta.num_row_groups(), 3, "one row group per sample");
+    // Wreck every column chunk of samples 0 and 2: sample 1 must still read, exactly.
+    let mut bytes = std::fs::read(&shard).unwrap();
+    for rg in [0, 2] {
+        for column in meta.row_group(rg).columns() {
+            let (start, len) = column.byte_range();
+            bytes[start as usize..(start + len) as usize].fill(0xAB);
+        }
+    }
+    std::fs::write(&shard, &bytes).unwrap();
+    let reader = CacheReader::open(dir.path()).unwrap();
+    assert_eq!(reader.sample(1).unwrap(), samples[1]);
+    assert!(reader.sample(0).is_err() || reader.sample(0).unwrap() != samples[0]);
+}
