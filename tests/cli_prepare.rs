@@ -500,4 +500,7 @@ fn import_deepspec_then_validate() {
         .arg(&out)));
     let text = ok(&validate(&out));
     assert!(text.contains("2 samples"), "{text}");
+    // The reference cache itself is not ours: validate says how to convert it.
+    let err = failed(&validate(&golden_cache));
+    assert!(err.contains("import-deepspec"), "{err}");
 }

@@ -97,7 +97,16 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Self, CacheError> {
         let path = Self::path(dir);
         let text = std::fs::read_to_string(&path).map_err(|e| CacheError::io(&path, e))?;
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| CacheError::field(&path, "(manifest)", format!("not valid JSON: {e}")))?;
+        if value.get("format").is_none() && value.get("index_record_size").is_some() {
+            return Err(CacheError::field(
+                &path,
+                "format",
+                "is missing: this is a reference DeepSpec cache (binary shards + samples.idx); convert it with `deepspec cache import-deepspec SRC DST`",
+            ));
+        }
+        let manifest: Manifest = serde_json::from_value(value).map_err(|e| {
             CacheError::field(
                 &path,
                 "(manifest)",
