@@ -156,6 +156,24 @@ fn prepare_smollm2_self_instruct_16_validates() {
     assert_eq!(reader.manifest.hidden_size, 576);
     let prompts = std::fs::read_to_string(out.join("prompts.jsonl")).unwrap();
     assert_eq!(prompts.lines().count(), 16);
+    // Each sample is the chat-templated prompt + answer; the loss mask covers exactly the
+    // answer and its end-of-turn.
+    let (_, tok) = deepspec_core::model::load_target_meta(&smollm2()).unwrap();
+    for i in 0..reader.len() {
+        let s = reader.sample(i).unwrap();
+        let text = tok.decode(&s.input_ids, false).unwrap();
+        let first = s.loss_mask.iter().position(|&m| m == 1).unwrap();
+        let last = s.loss_mask.iter().rposition(|&m| m == 1).unwrap();
+        assert!(
+            s.loss_mask[first..=last].iter().all(|&m| m == 1),
+            "one span"
+        );
+        let before = tok.decode(&s.input_ids[..first], false).unwrap();
+        let trained = tok.decode(&s.input_ids[first..=last], false).unwrap();
+        assert!(before.ends_with("<|im_start|>assistant\n"), "{text:?}");
+        assert!(trained.ends_with("<|im_end|>\n"), "{text:?}");
+        assert!(before.contains("<|im_start|>user\n"), "{text:?}");
+    }
 }
 
 /// Runs the job once whole, then again killed (`kill -9`) at random moments several times and
