@@ -4,7 +4,7 @@
 use super::prompts::{self, Conversation, OnBadLine};
 use crate::cache::manifest::{FORMAT_NAME, FORMAT_VERSION};
 use crate::cache::{HiddenDtype, JobSettings, Manifest, ShardLayout, TargetIdentity};
-use crate::io::chat::{ChatTemplate, TurnFormat};
+use crate::io::chat::{ChatTemplate, Message, TurnFormat};
 use crate::model::load_target_meta;
 use crate::recipe::Recipe;
 use anyhow::Context;
@@ -217,8 +217,11 @@ fn plan_job_warn(opts: &PrepareOptions, warn: &mut dyn FnMut(&str)) -> anyhow::R
 #[derive(Debug, Clone)]
 pub struct Estimate {
     pub samples: u64,
-    /// Σ min(max_length, prompt tokens + turns × max_new_tokens).
+    /// Σ min(max_length, prompt tokens + turns × (max_new_tokens + turn markers)).
     pub max_tokens: u64,
+    /// True when `max_tokens` bounds the result (prompt files); self-instruct prompts are
+    /// only estimated, since sampled text may re-tokenize to a different length.
+    pub upper_bound: bool,
     pub hidden_dtype: HiddenDtype,
     pub bytes_per_token: u64,
     /// Our Parquet payload for `max_tokens`.
@@ -237,26 +240,50 @@ pub fn estimate(opts: &PrepareOptions) -> anyhow::Result<Estimate> {
     let template = ChatTemplate::for_tokenizer(&tok)?;
     let max_length = recipe.data.max_length as u64;
     let max_new = recipe.prepare.max_new_tokens as u64;
-    let (samples, max_tokens) = match &planned.prompts {
+    let format = &planned.format;
+    // Each answer adds at most max_new tokens plus its turn's header and end-of-turn.
+    let per_turn = max_new
+        + tok.encode(format.assistant_header)?.len() as u64
+        + tok.encode(format.end_of_turn)?.len() as u64;
+    let thinking = Some(recipe.prepare.enable_thinking);
+    let with_system = |messages: &[Message]| -> Vec<Message> {
+        match (format.default_system, messages.first()) {
+            (Some(system), Some(first)) if first.role != "system" => {
+                std::iter::once(Message::new("system", system))
+                    .chain(messages.iter().cloned())
+                    .collect()
+            }
+            _ => messages.to_vec(),
+        }
+    };
+    let (samples, max_tokens, upper_bound) = match &planned.prompts {
         Some(prompts) => {
             let mut tokens = 0;
             for c in prompts {
-                let asked: Vec<_> = c
+                let asked: Vec<Message> = c
                     .iter()
                     .filter(|m| m.role != "assistant")
                     .cloned()
                     .collect();
                 let turns = asked.iter().filter(|m| m.role == "user").count() as u64;
-                let text = template.render(&asked, true, Some(recipe.prepare.enable_thinking))?;
+                let text = template.render(&with_system(&asked), true, thinking)?;
                 let prompt_tokens = tok.encode(&text)?.len() as u64;
-                tokens += max_length.min(prompt_tokens + turns * max_new);
+                tokens += max_length.min(prompt_tokens + turns * per_turn);
             }
-            (prompts.len() as u64, tokens)
+            (prompts.len() as u64, tokens, true)
         }
         None => {
+            // The prompts do not exist yet: count the template around an empty user message
+            // and the longest prompt self-instruct may write.
             let n = planned.self_instruct.unwrap_or(0) as u64;
-            let per = max_length.min(64 + recipe.prepare.self_instruct_max_tokens as u64 + max_new);
-            (n, n * per)
+            let lead =
+                template.render(&with_system(&[Message::new("user", "")]), true, thinking)?;
+            let per = max_length.min(
+                tok.encode(&lead)?.len() as u64
+                    + recipe.prepare.self_instruct_max_tokens as u64
+                    + per_turn,
+            );
+            (n, n * per, false)
         }
     };
     let n_layers = recipe.model.target_layer_ids.len();
@@ -266,6 +293,7 @@ pub fn estimate(opts: &PrepareOptions) -> anyhow::Result<Estimate> {
     Ok(Estimate {
         samples,
         max_tokens,
+        upper_bound,
         hidden_dtype: dtype,
         bytes_per_token,
         bytes: max_tokens * bytes_per_token + samples * SAMPLE_OVERHEAD_BYTES,
