@@ -522,3 +522,32 @@ fn import_deepspec_then_validate() {
     let err = failed(&validate(&golden_cache));
     assert!(err.contains("import-deepspec"), "{err}");
 }
+
+#[test]
+fn a_second_run_on_the_same_cache_is_refused_while_the_first_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = golden_recipe(tmp.path(), "");
+    let out = tmp.path().join("cache");
+    let mut first = prepare(&r, None, &out)
+        .args(["--self-instruct", "400"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = out.join(".prepare.lock");
+    let started = Instant::now();
+    while !lock.exists() && started.elapsed().as_secs() < 20 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let second = run(prepare(&r, None, &out).args(["--self-instruct", "400"]));
+    let still_running = first.try_wait().unwrap().is_none();
+    first.kill().ok();
+    first.wait().unwrap();
+    if still_running {
+        let err = failed(&second);
+        assert!(
+            err.contains(".prepare.lock") && err.contains("another"),
+            "{err}"
+        );
+    }
+}
