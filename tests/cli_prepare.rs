@@ -156,6 +156,24 @@ fn prepare_smollm2_self_instruct_16_validates() {
     assert_eq!(reader.manifest.hidden_size, 576);
     let prompts = std::fs::read_to_string(out.join("prompts.jsonl")).unwrap();
     assert_eq!(prompts.lines().count(), 16);
+    // Each sample is the chat-templated prompt + answer; the loss mask covers exactly the
+    // answer and its end-of-turn.
+    let (_, tok) = deepspec_core::model::load_target_meta(&smollm2()).unwrap();
+    for i in 0..reader.len() {
+        let s = reader.sample(i).unwrap();
+        let text = tok.decode(&s.input_ids, false).unwrap();
+        let first = s.loss_mask.iter().position(|&m| m == 1).unwrap();
+        let last = s.loss_mask.iter().rposition(|&m| m == 1).unwrap();
+        assert!(
+            s.loss_mask[first..=last].iter().all(|&m| m == 1),
+            "one span"
+        );
+        let before = tok.decode(&s.input_ids[..first], false).unwrap();
+        let trained = tok.decode(&s.input_ids[first..=last], false).unwrap();
+        assert!(before.ends_with("<|im_start|>assistant\n"), "{text:?}");
+        assert!(trained.ends_with("<|im_end|>\n"), "{text:?}");
+        assert!(before.contains("<|im_start|>user\n"), "{text:?}");
+    }
 }
 
 /// Runs the job once whole, then again killed (`kill -9`) at random moments several times and
@@ -176,7 +194,7 @@ fn kill_and_resume(tmp: &Path, r: &Path, prompts: Option<&Path>, extra: &[&str])
             .iter()
             .filter(|(n, _)| n.ends_with(".parquet"))
             .count()
-            >= 6,
+            >= 4,
         "expected several shards"
     );
 
@@ -188,9 +206,11 @@ fn kill_and_resume(tmp: &Path, r: &Path, prompts: Option<&Path>, extra: &[&str])
     let cut = tmp.join("cut");
     let mut kills = 0;
     for attempt in 0..6 {
-        // Early kills are likelier: later attempts have less work left.
+        // Early kills are likelier (later attempts have less work left), and the first lands
+        // within the first half, so at least one run is surely cut.
         let u = rng.uniform();
-        let delay = full_time.mul_f64(u * u * 0.9);
+        let reach = if attempt == 0 { 0.5 } else { 0.9 };
+        let delay = full_time.mul_f64(u * u * reach);
         let mut child = job(&cut)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -226,7 +246,7 @@ fn kill_and_resume(tmp: &Path, r: &Path, prompts: Option<&Path>, extra: &[&str])
 fn kill_and_resume_gives_the_same_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     // Tiny shards (one or two prompts each) so a kill lands between and inside shards.
-    let r = golden_recipe(tmp.path(), "shard_max_bytes = 120000");
+    let r = golden_recipe(tmp.path(), "shard_max_bytes = 250000");
     let prompts = prompt_file(tmp.path(), 30);
     kill_and_resume(tmp.path(), &r, Some(&prompts), &[]);
 }
@@ -236,7 +256,7 @@ fn kill_and_resume_self_instruct_gives_the_same_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let r = golden_recipe(
         tmp.path(),
-        "shard_max_bytes = 120000\nself_instruct_max_tokens = 10",
+        "shard_max_bytes = 250000\nself_instruct_max_tokens = 10",
     );
     kill_and_resume(tmp.path(), &r, None, &["--self-instruct", "24"]);
 }
@@ -498,4 +518,36 @@ fn import_deepspec_then_validate() {
         .arg(&out)));
     let text = ok(&validate(&out));
     assert!(text.contains("2 samples"), "{text}");
+    // The reference cache itself is not ours: validate says how to convert it.
+    let err = failed(&validate(&golden_cache));
+    assert!(err.contains("import-deepspec"), "{err}");
+}
+
+#[test]
+fn a_second_run_on_the_same_cache_is_refused_while_the_first_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = golden_recipe(tmp.path(), "");
+    let out = tmp.path().join("cache");
+    let mut first = prepare(&r, None, &out)
+        .args(["--self-instruct", "400"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = out.join(".prepare.lock");
+    let started = Instant::now();
+    while !lock.exists() && started.elapsed().as_secs() < 20 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let second = run(prepare(&r, None, &out).args(["--self-instruct", "400"]));
+    let still_running = first.try_wait().unwrap().is_none();
+    first.kill().ok();
+    first.wait().unwrap();
+    if still_running {
+        let err = failed(&second);
+        assert!(
+            err.contains(".prepare.lock") && err.contains("another"),
+            "{err}"
+        );
+    }
 }

@@ -69,9 +69,9 @@ fn write_cache(dir: &Path, dtype: HiddenDtype, samples: &[CacheSample]) -> Manif
             stop_tokens: Vec::new(),
             enable_thinking: false,
             seed: 0,
-            prompts_per_shard: samples.len() as u64,
+            batch_size: 1,
+            shard_max_bytes: 1 << 30,
         },
-        num_shards_planned: 1,
         num_samples: 0,
         num_tokens: 0,
         num_loss_tokens: 0,
@@ -153,11 +153,11 @@ fn validate_names_the_corrupt_shard_and_an_unfinished_cache() {
         "{err}"
     );
 
-    manifest.num_shards_planned = 2;
+    manifest.job.num_prompts = 5;
     manifest.recount();
     manifest.store(dir.path()).unwrap();
     let err = validate(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("complete") && err.contains("1 of 2"), "{err}");
+    assert!(err.contains("complete") && err.contains("3 of 5"), "{err}");
 }
 
 #[test]
@@ -173,4 +173,30 @@ fn a_sample_with_wrong_shapes_is_refused_by_the_writer() {
     s.loss_mask.pop();
     let err = writer.push(&s).unwrap_err().to_string();
     assert!(err.contains("loss_mask"), "{err}");
+}
+
+#[test]
+fn one_sample_reads_without_the_rest_of_the_shard() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let dir = tempfile::tempdir().unwrap();
+    let samples: Vec<CacheSample> = (0..3).map(|i| sample(i, 6, HiddenDtype::Bf16).0).collect();
+    write_cache(dir.path(), HiddenDtype::Bf16, &samples);
+    let shard = dir.path().join("shard-00000.parquet");
+    let meta = SerializedFileReader::new(std::fs::File::open(&shard).unwrap())
+        .unwrap()
+        .metadata()
+        .clone();
+    assert_eq!(meta.num_row_groups(), 3, "one row group per sample");
+    // Wreck every column chunk of samples 0 and 2: sample 1 must still read, exactly.
+    let mut bytes = std::fs::read(&shard).unwrap();
+    for rg in [0, 2] {
+        for column in meta.row_group(rg).columns() {
+            let (start, len) = column.byte_range();
+            bytes[start as usize..(start + len) as usize].fill(0xAB);
+        }
+    }
+    std::fs::write(&shard, &bytes).unwrap();
+    let reader = CacheReader::open(dir.path()).unwrap();
+    assert_eq!(reader.sample(1).unwrap(), samples[1]);
+    assert!(reader.sample(0).is_err() || reader.sample(0).unwrap() != samples[0]);
 }

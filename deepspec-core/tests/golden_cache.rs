@@ -87,3 +87,55 @@ fn import_refuses_a_folder_that_is_not_a_reference_cache() {
         "{err}"
     );
 }
+
+/// Our target pass over the reference cache's own token ids reproduces its hidden states:
+/// tapped layers are raw decoder-layer outputs, the last state is after the final norm.
+#[test]
+fn golden_cache_target_pass_matches_reference() {
+    use deepspec_core::backend::Cpu;
+    use deepspec_core::cache::HiddenDtype;
+    use deepspec_core::io::chat::TokenizedChat;
+    use deepspec_core::model::load_target;
+    use deepspec_core::prepare::target_pass::target_pass;
+
+    let golden = golden_dir();
+    let reference = ReferenceCache::open(&golden.join("cache")).unwrap();
+    let shard = std::fs::read(reference.shard_file(0)).unwrap();
+    let theirs: Vec<_> = (0..reference.records.len())
+        .map(|i| reference.sample(i, &shard).unwrap())
+        .collect();
+    let target = load_target::<Cpu>(&golden.join("target"), &Default::default()).unwrap();
+    let chats: Vec<TokenizedChat> = theirs
+        .iter()
+        .map(|s| TokenizedChat {
+            text: String::new(),
+            input_ids: s.input_ids.clone(),
+            loss_mask: s.loss_mask.clone(),
+        })
+        .collect();
+    let sources: Vec<u64> = (0..chats.len() as u64).collect();
+    let ours = target_pass(
+        &target,
+        &chats,
+        &sources,
+        &reference.target_layer_ids,
+        HiddenDtype::Bf16,
+    );
+    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        assert_eq!(a.input_ids, b.input_ids);
+        for (name, x, y) in [
+            ("target_hidden_states", &a.hidden, &b.hidden),
+            ("target_last_hidden_states", &a.last_hidden, &b.last_hidden),
+        ] {
+            let (x, y) = (x.to_f32(), y.to_f32());
+            // bf16 rounding of slightly different f32 sums may differ by one bf16 step.
+            for (j, (p, q)) in x.iter().zip(&y).enumerate() {
+                let step = q.abs().max(1e-3) / 128.0;
+                assert!(
+                    (p - q).abs() <= step * 1.01,
+                    "sample {i} {name}[{j}]: ours {p}, reference {q}"
+                );
+            }
+        }
+    }
+}

@@ -71,10 +71,11 @@ fn stats(dir: &std::path::Path) -> anyhow::Result<()> {
         m.num_tokens * (6 + 2 * m.hidden_size as u64 * (n_layers + 1)) + 56 * m.num_samples;
     println!("cache:            {}", dir.display());
     println!(
-        "complete:         {} ({} of {} shards)",
+        "complete:         {} ({} shards answer {} of {} prompts)",
         m.complete,
         m.shards.len(),
-        m.num_shards_planned
+        m.prompts_covered(),
+        m.job.num_prompts
     );
     println!(
         "target:           {} (sha256 {})",

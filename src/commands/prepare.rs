@@ -94,10 +94,11 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
     if args.estimate {
         let opts = args.options()?;
         let e = prepare::estimate(&opts)?;
+        let bound = if e.upper_bound { "at most" } else { "about" };
         println!("samples:          {}", e.samples);
-        println!("tokens (at most): {}", e.max_tokens);
+        println!("tokens ({bound}): {}", e.max_tokens);
         println!(
-            "bytes (at most):  {} ({} hidden, {} B/token, {} shards)",
+            "bytes ({bound}):  {} ({} hidden, {} B/token, {} shards)",
             e.bytes,
             e.hidden_dtype.name(),
             e.bytes_per_token,
@@ -163,6 +164,17 @@ impl OnBackend for PrepareArgs {
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
         let opts = self.options()?;
+        if !self.quiet {
+            let e = prepare::estimate(&opts)?;
+            eprintln!(
+                "plan: {} prompts, {} {} tokens and {} bytes ({} hidden states)",
+                e.samples,
+                if e.upper_bound { "at most" } else { "about" },
+                e.max_tokens,
+                e.bytes,
+                e.hidden_dtype.name()
+            );
+        }
         let bar = Bar {
             bar: RefCell::new(None),
             quiet: self.quiet,

@@ -44,9 +44,11 @@ pub struct JobSettings {
     pub stop_tokens: Vec<String>,
     pub enable_thinking: bool,
     pub seed: u64,
-    /// Prompts per shard: shard `k` answers prompts `[k*p, (k+1)*p)`, so a shard's content
-    /// never depends on how a run was interrupted.
-    pub prompts_per_shard: u64,
+    /// Prompts per generation and target-pass batch; shards break only between batches.
+    pub batch_size: usize,
+    /// A shard is closed before the next batch would push its payload past this, so shard
+    /// boundaries depend only on the (deterministic) samples, never on interruptions.
+    pub shard_max_bytes: u64,
 }
 
 /// One finished shard.
@@ -70,7 +72,7 @@ pub struct ShardEntry {
 pub struct Manifest {
     pub format: String,
     pub version: u32,
-    /// True once every planned shard is written.
+    /// True once the shards cover every prompt of the job.
     pub complete: bool,
     pub target: TargetIdentity,
     /// SHA-256 of the tokenizer's serialized JSON.
@@ -80,7 +82,6 @@ pub struct Manifest {
     pub hidden_dtype: HiddenDtype,
     pub token_dtype: String,
     pub job: JobSettings,
-    pub num_shards_planned: u64,
     pub num_samples: u64,
     pub num_tokens: u64,
     pub num_loss_tokens: u64,
@@ -96,7 +97,16 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Self, CacheError> {
         let path = Self::path(dir);
         let text = std::fs::read_to_string(&path).map_err(|e| CacheError::io(&path, e))?;
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| CacheError::field(&path, "(manifest)", format!("not valid JSON: {e}")))?;
+        if value.get("format").is_none() && value.get("index_record_size").is_some() {
+            return Err(CacheError::field(
+                &path,
+                "format",
+                "is missing: this is a reference DeepSpec cache (binary shards + samples.idx); convert it with `deepspec cache import-deepspec SRC DST`",
+            ));
+        }
+        let manifest: Manifest = serde_json::from_value(value).map_err(|e| {
             CacheError::field(
                 &path,
                 "(manifest)",
@@ -133,7 +143,7 @@ impl Manifest {
         write_atomically(&Self::path(dir), text.as_bytes())
     }
 
-    /// Recomputes the totals and the dense sample numbering from the shard list.
+    /// Recomputes the totals, the dense sample numbering and `complete` from the shard list.
     pub fn recount(&mut self) {
         self.shards.sort_by_key(|s| s.shard_id);
         let mut next = 0;
@@ -144,7 +154,19 @@ impl Manifest {
         self.num_samples = next;
         self.num_tokens = self.shards.iter().map(|s| s.num_tokens).sum();
         self.num_loss_tokens = self.shards.iter().map(|s| s.num_loss_tokens).sum();
-        self.complete = self.shards.len() as u64 == self.num_shards_planned;
+        self.complete = self.prompts_covered() == self.job.num_prompts;
+    }
+
+    /// How many prompts the shards answer, counting only the contiguous run from prompt 0.
+    pub fn prompts_covered(&self) -> u64 {
+        let mut next = 0;
+        for shard in &self.shards {
+            if shard.source_start != next {
+                break;
+            }
+            next = shard.source_end;
+        }
+        next
     }
 
     pub fn num_layers(&self) -> usize {

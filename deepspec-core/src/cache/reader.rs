@@ -8,15 +8,21 @@ use super::{CacheError, CacheSample};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, Int32Type, UInt64Type};
 use arrow_array::{Array, RecordBatch};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
 use parquet::arrow::ProjectionMask;
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-/// A cache opened for reading.
+/// A cache opened for reading. Each shard's footer is parsed once and kept, so reading a
+/// sample costs one row group's bytes.
 pub struct CacheReader {
     dir: PathBuf,
     pub manifest: Manifest,
+    footers: Mutex<HashMap<usize, ArrowReaderMetadata>>,
 }
 
 impl CacheReader {
@@ -25,6 +31,7 @@ impl CacheReader {
         Ok(CacheReader {
             dir: dir.to_path_buf(),
             manifest: Manifest::load(dir)?,
+            footers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -48,13 +55,14 @@ impl CacheReader {
         self.dir.join(file_name)
     }
 
-    /// Sample `index` (dense over all shards): reads the footer and one row group.
+    /// Sample `index` (dense over all shards): reads one row group (and, the first time a
+    /// shard is touched, its footer).
     pub fn sample(&self, index: u64) -> Result<CacheSample, CacheError> {
-        let shard = self
+        let k = self
             .manifest
             .shards
             .iter()
-            .find(|s| index >= s.first_sample && index < s.first_sample + s.num_samples)
+            .position(|s| index >= s.first_sample && index < s.first_sample + s.num_samples)
             .ok_or_else(|| {
                 CacheError::field(
                     Manifest::path(&self.dir),
@@ -65,9 +73,24 @@ impl CacheReader {
                     ),
                 )
             })?;
+        let shard = &self.manifest.shards[k];
         let path = self.shard_path(&shard.file_name);
         let row = (index - shard.first_sample) as usize;
-        let mut samples = read_shard(&path, Some(vec![row]), self.manifest.hidden_dtype)?;
+        let file = File::open(&path).map_err(|e| CacheError::io(&path, e))?;
+        let footer = {
+            let mut footers = self.footers.lock().expect("footer cache lock");
+            match footers.get(&k) {
+                Some(footer) => footer.clone(),
+                None => {
+                    let footer = ArrowReaderMetadata::load(&file, ArrowReaderOptions::default())
+                        .map_err(|e| parquet_err(&path, e))?;
+                    footers.insert(k, footer.clone());
+                    footer
+                }
+            }
+        };
+        let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, footer);
+        let mut samples = read_rows(&path, builder, Some(vec![row]), self.manifest.hidden_dtype)?;
         samples
             .pop()
             .ok_or_else(|| CacheError::corrupt(&path, format!("row group {row} is missing")))
@@ -119,7 +142,15 @@ pub fn read_shard(
     row_groups: Option<Vec<usize>>,
     dtype: HiddenDtype,
 ) -> Result<Vec<CacheSample>, CacheError> {
-    let mut builder = open_builder(path)?;
+    read_rows(path, open_builder(path)?, row_groups, dtype)
+}
+
+fn read_rows(
+    path: &Path,
+    mut builder: ParquetRecordBatchReaderBuilder<File>,
+    row_groups: Option<Vec<usize>>,
+    dtype: HiddenDtype,
+) -> Result<Vec<CacheSample>, CacheError> {
     let expected = schema::shard_schema(dtype);
     if builder.schema().fields() != expected.fields() {
         return Err(CacheError::corrupt(
@@ -242,14 +273,14 @@ pub fn validate(dir: &Path) -> Result<ValidationReport, CacheError> {
             ),
         ));
     }
-    if !m.complete || m.shards.len() as u64 != m.num_shards_planned {
+    if !m.complete || m.prompts_covered() != m.job.num_prompts {
         return Err(CacheError::field(
             &manifest_path,
             "complete",
             format!(
-                "the cache is unfinished: {} of {} shards written (re-run the same `deepspec prepare` command to finish it)",
-                m.shards.len(),
-                m.num_shards_planned
+                "the cache is unfinished: its shards answer {} of {} prompts (re-run the same `deepspec prepare` command to finish it)",
+                m.prompts_covered(),
+                m.job.num_prompts
             ),
         ));
     }
@@ -272,6 +303,21 @@ pub fn validate(dir: &Path) -> Result<ValidationReport, CacheError> {
             ));
         }
         expected_first += shard.num_samples;
+        let expected_start = if k == 0 {
+            0
+        } else {
+            m.shards[k - 1].source_end
+        };
+        if shard.source_start != expected_start || shard.source_end < shard.source_start {
+            return Err(CacheError::field(
+                &manifest_path,
+                field("source_start"),
+                format!(
+                    "shard covers prompts [{}, {}), expected it to start at {expected_start}",
+                    shard.source_start, shard.source_end
+                ),
+            ));
+        }
         let path = reader.shard_path(&shard.file_name);
         let size = std::fs::metadata(&path)
             .map_err(|e| CacheError::io(&path, e))?

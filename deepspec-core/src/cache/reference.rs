@@ -284,9 +284,9 @@ pub fn import_reference(
             stop_tokens: Vec::new(),
             enable_thinking: false,
             seed: 0,
-            prompts_per_shard: 0,
+            batch_size: 0,
+            shard_max_bytes,
         },
-        num_shards_planned: 0,
         num_samples: 0,
         num_tokens: 0,
         num_loss_tokens: 0,
@@ -304,7 +304,6 @@ pub fn import_reference(
         groups.last_mut().unwrap().push(i);
         current_bytes += bytes;
     }
-    manifest.num_shards_planned = groups.len() as u64;
     let mut loaded: Option<(u32, Vec<u8>)> = None;
     for (k, group) in groups.iter().enumerate() {
         let file_name = shard_file_name(k as u64);

@@ -1,12 +1,14 @@
 //! `deepspec prepare`: prompts → regenerated answers → target hidden states in a Parquet
-//! cache. Resumable: shard `k` answers a fixed range of prompts, each prompt samples from its
-//! own seeded generator, and the manifest lists finished shards, so a re-run after a crash
-//! writes only the missing shards and ends with the same bytes as an uninterrupted run.
+//! cache. Resumable: each prompt samples from its own seeded generator, batches start at fixed
+//! prompt indices and shards close only between batches, at sizes decided by the (therefore
+//! deterministic) samples; the manifest lists finished shards, so a re-run after a crash goes
+//! on from the first prompt they do not cover and ends with the same bytes as an uninterrupted
+//! run.
 //!
 //! - [`prompts`]: JSONL prompt files (reference, OpenAI, ShareGPT shapes);
 //! - [`answer`]: answer regeneration and self-instruct prompts;
 //! - [`target_pass`]: the forward that captures the hidden states;
-//! - [`plan`]: identity, estimate and shard plan.
+//! - [`plan`]: the job's identity (hashes, settings) and the `--estimate` figures.
 
 pub mod answer;
 pub mod plan;
@@ -84,6 +86,7 @@ pub fn prepare<B: Backend>(
     // Identity, layer check and an existing cache's compatibility come before any heavy work.
     let mut planned = plan::plan_job(opts)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let _lock = lock_cache(out)?;
     remove_temporaries(out)?;
     let existing = if Manifest::path(out).exists() {
         let m = Manifest::load(out)?;
@@ -185,73 +188,143 @@ pub fn prepare<B: Backend>(
     manifest.recount();
     manifest.store(out)?;
 
-    let per_shard = manifest.job.prompts_per_shard;
+    // Keep the finished shards that form a whole prefix; redo everything after it.
+    let kept = kept_prefix(out, &manifest);
+    manifest.shards.truncate(kept);
+    manifest.recount();
     let layout = planned.layout.clone();
-    let todo: Vec<u64> = (0..manifest.num_shards_planned)
-        .filter(|&k| !shard_is_done(out, &manifest, k))
-        .collect();
-    let kept = manifest.num_shards_planned as usize - todo.len();
-    manifest.shards.retain(|s| !todo.contains(&s.shard_id));
-    let units: u64 = todo
-        .iter()
-        .map(|&k| 2 * (((k + 1) * per_shard).min(prompts.len() as u64) - k * per_shard))
-        .sum();
-    progress.begin("prepare", units);
-    let batch_size = p.batch_size;
-    for &k in &todo {
-        let start = k * per_shard;
-        let end = ((k + 1) * per_shard).min(prompts.len() as u64);
-        let file_name = shard_file_name(k);
-        let mut writer = ShardWriter::create(&out.join(&file_name), &layout)?;
-        for chunk_start in (start..end).step_by(batch_size) {
-            let chunk_end = (chunk_start + batch_size as u64).min(end);
-            let sources: Vec<u64> = (chunk_start..chunk_end).collect();
-            let batch = &prompts[chunk_start as usize..chunk_end as usize];
-            let started = Instant::now();
-            let (answered, generated) =
-                answer::answer_batch(&target, &template, batch, &sources, &settings)?;
-            throughput.generated_tokens += generated;
-            throughput.generation_secs += started.elapsed().as_secs_f64();
-            progress.advance(batch.len() as u64, &throughput);
+    let total = prompts.len() as u64;
+    let resume_at = manifest.prompts_covered();
+    progress.begin("prepare", 2 * (total - resume_at));
+    let per_token = layout
+        .hidden_dtype
+        .bytes_per_token(layout.hidden_size, layout.target_layer_ids.len())
+        as u64;
+    let mut open: Option<OpenShard> = None;
+    let mut written = 0;
+    for batch_start in (resume_at..total).step_by(p.batch_size) {
+        let batch_end = (batch_start + p.batch_size as u64).min(total);
+        let sources: Vec<u64> = (batch_start..batch_end).collect();
+        let batch = &prompts[batch_start as usize..batch_end as usize];
+        let started = Instant::now();
+        let (answered, generated) =
+            answer::answer_batch(&target, &template, batch, &sources, &settings)?;
+        throughput.generated_tokens += generated;
+        throughput.generation_secs += started.elapsed().as_secs_f64();
+        progress.advance(batch.len() as u64, &throughput);
 
-            let mut tokenized = Vec::new();
-            let mut kept_sources = Vec::new();
-            for (conversation, &source) in answered.iter().zip(&sources) {
-                let chat = tokenize_conversation(
-                    &target.tokenizer,
-                    &template,
-                    &planned.format,
-                    conversation,
-                    recipe.data.max_length,
-                )
-                .with_context(|| format!("tokenizing prompt {source}"))?;
-                let trained: usize = chat.loss_mask.iter().map(|&m| m as usize).sum();
-                if trained >= recipe.data.min_loss_tokens && !chat.input_ids.is_empty() {
-                    tokenized.push(chat);
-                    kept_sources.push(source);
-                }
+        let mut tokenized = Vec::new();
+        let mut kept_sources = Vec::new();
+        for (conversation, &source) in answered.iter().zip(&sources) {
+            let chat = tokenize_conversation(
+                &target.tokenizer,
+                &template,
+                &planned.format,
+                conversation,
+                recipe.data.max_length,
+            )
+            .with_context(|| format!("tokenizing prompt {source}"))?;
+            let trained: usize = chat.loss_mask.iter().map(|&m| m as usize).sum();
+            if trained >= recipe.data.min_loss_tokens && !chat.input_ids.is_empty() {
+                tokenized.push(chat);
+                kept_sources.push(source);
             }
-            let started = Instant::now();
-            let samples = target_pass::target_pass(
-                &target,
-                &tokenized,
-                &kept_sources,
-                &recipe.model.target_layer_ids,
-                layout.hidden_dtype,
-            );
-            for sample in &samples {
-                writer.push(sample)?;
-            }
-            throughput.target_tokens += samples.iter().map(|s| s.seq_len() as u64).sum::<u64>();
-            throughput.target_secs += started.elapsed().as_secs_f64();
-            progress.advance(batch.len() as u64, &throughput);
         }
-        let summary = writer.finish()?;
-        manifest.shards.push(ShardEntry {
+        let started = Instant::now();
+        let samples = target_pass::target_pass(
+            &target,
+            &tokenized,
+            &kept_sources,
+            &recipe.model.target_layer_ids,
+            layout.hidden_dtype,
+        );
+        throughput.target_tokens += samples.iter().map(|s| s.seq_len() as u64).sum::<u64>();
+        throughput.target_secs += started.elapsed().as_secs_f64();
+
+        // Close the open shard before this batch would overflow it; a batch larger than the
+        // limit goes alone into its shard.
+        let batch_bytes: u64 = samples
+            .iter()
+            .map(|s| s.seq_len() as u64 * per_token + plan::SAMPLE_OVERHEAD_BYTES)
+            .sum();
+        if open
+            .as_ref()
+            .is_some_and(|o| o.payload > 0 && o.payload + batch_bytes > p.shard_max_bytes)
+        {
+            let shard = open.take().expect("checked");
+            shard.finish(out, batch_start, &mut manifest)?;
+            written += 1;
+        }
+        let shard = match &mut open {
+            Some(shard) => shard,
+            None => open.insert(OpenShard::create(
+                out,
+                manifest.shards.len() as u64,
+                batch_start,
+                &layout,
+            )?),
+        };
+        for sample in &samples {
+            shard.writer.push(sample)?;
+        }
+        shard.payload += batch_bytes;
+        progress.advance(batch.len() as u64, &throughput);
+    }
+    if let Some(shard) = open {
+        shard.finish(out, total, &mut manifest)?;
+        written += 1;
+    }
+    manifest.recount();
+    manifest.store(out)?;
+    progress.finish();
+    Ok(PrepareReport {
+        manifest,
+        throughput,
+        shards_written: written,
+        shards_kept: kept,
+    })
+}
+
+/// The shard being filled.
+struct OpenShard {
+    writer: ShardWriter,
+    file_name: String,
+    shard_id: u64,
+    source_start: u64,
+    /// Estimated payload so far (what `shard_max_bytes` bounds).
+    payload: u64,
+}
+
+impl OpenShard {
+    fn create(
+        dir: &std::path::Path,
+        shard_id: u64,
+        source_start: u64,
+        layout: &crate::cache::ShardLayout,
+    ) -> anyhow::Result<Self> {
+        let file_name = shard_file_name(shard_id);
+        Ok(OpenShard {
+            writer: ShardWriter::create(&dir.join(&file_name), layout)?,
             file_name,
-            shard_id: k,
-            source_start: start,
-            source_end: end,
+            shard_id,
+            source_start,
+            payload: 0,
+        })
+    }
+
+    /// Closes the shard (prompts `[source_start, source_end)`) and records it in the manifest.
+    fn finish(
+        self,
+        dir: &std::path::Path,
+        source_end: u64,
+        manifest: &mut Manifest,
+    ) -> anyhow::Result<()> {
+        let summary = self.writer.finish()?;
+        manifest.shards.push(ShardEntry {
+            file_name: self.file_name,
+            shard_id: self.shard_id,
+            source_start: self.source_start,
+            source_end,
             first_sample: 0,
             num_samples: summary.num_samples,
             num_tokens: summary.num_tokens,
@@ -260,24 +333,47 @@ pub fn prepare<B: Backend>(
             sha256: summary.sha256,
         });
         manifest.recount();
-        manifest.store(out)?;
+        manifest.store(dir)?;
+        Ok(())
     }
-    progress.finish();
-    Ok(PrepareReport {
-        manifest,
-        throughput,
-        shards_written: todo.len(),
-        shards_kept: kept,
-    })
 }
 
-/// A shard counts as done when the manifest lists it and its file has the listed size (a
-/// full check is `deepspec cache validate`).
-fn shard_is_done(dir: &std::path::Path, manifest: &Manifest, k: u64) -> bool {
-    manifest.shards.iter().any(|s| {
-        s.shard_id == k
-            && std::fs::metadata(dir.join(&s.file_name)).is_ok_and(|m| m.len() == s.bytes)
-    })
+/// How many of the manifest's shards are kept: the longest prefix that is contiguous from
+/// prompt 0 and whose files have the listed sizes (a full check is `deepspec cache validate`).
+fn kept_prefix(dir: &std::path::Path, manifest: &Manifest) -> usize {
+    let mut next = 0;
+    for (k, s) in manifest.shards.iter().enumerate() {
+        let whole = s.shard_id == k as u64
+            && s.source_start == next
+            && std::fs::metadata(dir.join(&s.file_name)).is_ok_and(|m| m.len() == s.bytes);
+        if !whole {
+            return k;
+        }
+        next = s.source_end;
+    }
+    manifest.shards.len()
+}
+
+/// Holds an exclusive lock on `dir/.prepare.lock` while a run writes the cache (the OS drops
+/// it when the process dies, even by `kill -9`), so two runs never interleave their writes.
+fn lock_cache(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join(".prepare.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "{}: another `deepspec prepare` is writing this cache; wait for it or stop it",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 /// Deletes what an interrupted run left half-written (`*.tmp`).

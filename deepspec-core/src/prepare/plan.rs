@@ -4,7 +4,7 @@
 use super::prompts::{self, Conversation, OnBadLine};
 use crate::cache::manifest::{FORMAT_NAME, FORMAT_VERSION};
 use crate::cache::{HiddenDtype, JobSettings, Manifest, ShardLayout, TargetIdentity};
-use crate::io::chat::{ChatTemplate, TurnFormat};
+use crate::io::chat::{ChatTemplate, Message, TurnFormat};
 use crate::model::load_target_meta;
 use crate::recipe::Recipe;
 use anyhow::Context;
@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 /// The normalized prompt list kept in the cache folder.
 pub const PROMPTS_FILE: &str = "prompts.jsonl";
 
-/// Parquet and page overhead allowed per sample when sizing shards.
-const SAMPLE_OVERHEAD_BYTES: u64 = 4096;
+/// Parquet metadata and page headers allowed per sample when sizing shards (measured: about
+/// 500 bytes for seven columns).
+pub(crate) const SAMPLE_OVERHEAD_BYTES: u64 = 1024;
 
 #[derive(Debug, Clone)]
 pub enum PromptSource {
@@ -51,7 +52,6 @@ impl Planned {
     pub fn set_prompts(&mut self, jsonl: &str, count: u64) {
         self.manifest.job.prompts_sha256 = Some(sha256_hex(jsonl.as_bytes()));
         self.manifest.job.num_prompts = count;
-        self.manifest.num_shards_planned = count.div_ceil(self.manifest.job.prompts_per_shard);
     }
 }
 
@@ -159,11 +159,6 @@ fn plan_job_warn(opts: &PrepareOptions, warn: &mut dyn FnMut(&str)) -> anyhow::R
         target_layer_ids: recipe.model.target_layer_ids.clone(),
         hidden_dtype: p.hidden_dtype,
     };
-    let per_sample = recipe.data.max_length as u64
-        * p.hidden_dtype
-            .bytes_per_token(config.hidden_size, layout.target_layer_ids.len()) as u64
-        + SAMPLE_OVERHEAD_BYTES;
-    let prompts_per_shard = (p.shard_max_bytes / per_sample).max(1);
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
         version: FORMAT_VERSION,
@@ -196,9 +191,9 @@ fn plan_job_warn(opts: &PrepareOptions, warn: &mut dyn FnMut(&str)) -> anyhow::R
             stop_tokens: p.stop_tokens.clone(),
             enable_thinking: p.enable_thinking,
             seed: p.seed,
-            prompts_per_shard,
+            batch_size: p.batch_size,
+            shard_max_bytes: p.shard_max_bytes,
         },
-        num_shards_planned: 0,
         num_samples: 0,
         num_tokens: 0,
         num_loss_tokens: 0,
@@ -222,14 +217,18 @@ fn plan_job_warn(opts: &PrepareOptions, warn: &mut dyn FnMut(&str)) -> anyhow::R
 #[derive(Debug, Clone)]
 pub struct Estimate {
     pub samples: u64,
-    /// Σ min(max_length, prompt tokens + turns × max_new_tokens).
+    /// Σ min(max_length, prompt tokens + turns × (max_new_tokens + turn markers)).
     pub max_tokens: u64,
+    /// True when `max_tokens` bounds the result (prompt files); self-instruct prompts are
+    /// only estimated, since sampled text may re-tokenize to a different length.
+    pub upper_bound: bool,
     pub hidden_dtype: HiddenDtype,
     pub bytes_per_token: u64,
     /// Our Parquet payload for `max_tokens`.
     pub bytes: u64,
     /// The reference's binary layout for the same tokens (bf16, + 56-byte index records).
     pub reference_bytes: u64,
+    /// About how many shards `bytes` fills.
     pub shards: u64,
 }
 
@@ -241,26 +240,50 @@ pub fn estimate(opts: &PrepareOptions) -> anyhow::Result<Estimate> {
     let template = ChatTemplate::for_tokenizer(&tok)?;
     let max_length = recipe.data.max_length as u64;
     let max_new = recipe.prepare.max_new_tokens as u64;
-    let (samples, max_tokens) = match &planned.prompts {
+    let format = &planned.format;
+    // Each answer adds at most max_new tokens plus its turn's header and end-of-turn.
+    let per_turn = max_new
+        + tok.encode(format.assistant_header)?.len() as u64
+        + tok.encode(format.end_of_turn)?.len() as u64;
+    let thinking = Some(recipe.prepare.enable_thinking);
+    let with_system = |messages: &[Message]| -> Vec<Message> {
+        match (format.default_system, messages.first()) {
+            (Some(system), Some(first)) if first.role != "system" => {
+                std::iter::once(Message::new("system", system))
+                    .chain(messages.iter().cloned())
+                    .collect()
+            }
+            _ => messages.to_vec(),
+        }
+    };
+    let (samples, max_tokens, upper_bound) = match &planned.prompts {
         Some(prompts) => {
             let mut tokens = 0;
             for c in prompts {
-                let asked: Vec<_> = c
+                let asked: Vec<Message> = c
                     .iter()
                     .filter(|m| m.role != "assistant")
                     .cloned()
                     .collect();
                 let turns = asked.iter().filter(|m| m.role == "user").count() as u64;
-                let text = template.render(&asked, true, Some(recipe.prepare.enable_thinking))?;
+                let text = template.render(&with_system(&asked), true, thinking)?;
                 let prompt_tokens = tok.encode(&text)?.len() as u64;
-                tokens += max_length.min(prompt_tokens + turns * max_new);
+                tokens += max_length.min(prompt_tokens + turns * per_turn);
             }
-            (prompts.len() as u64, tokens)
+            (prompts.len() as u64, tokens, true)
         }
         None => {
+            // The prompts do not exist yet: count the template around an empty user message
+            // and the longest prompt self-instruct may write.
             let n = planned.self_instruct.unwrap_or(0) as u64;
-            let per = max_length.min(64 + recipe.prepare.self_instruct_max_tokens as u64 + max_new);
-            (n, n * per)
+            let lead =
+                template.render(&with_system(&[Message::new("user", "")]), true, thinking)?;
+            let per = max_length.min(
+                tok.encode(&lead)?.len() as u64
+                    + recipe.prepare.self_instruct_max_tokens as u64
+                    + per_turn,
+            );
+            (n, n * per, false)
         }
     };
     let n_layers = recipe.model.target_layer_ids.len();
@@ -270,10 +293,13 @@ pub fn estimate(opts: &PrepareOptions) -> anyhow::Result<Estimate> {
     Ok(Estimate {
         samples,
         max_tokens,
+        upper_bound,
         hidden_dtype: dtype,
         bytes_per_token,
         bytes: max_tokens * bytes_per_token + samples * SAMPLE_OVERHEAD_BYTES,
         reference_bytes: max_tokens * reference_per_token + samples * 56,
-        shards: samples.div_ceil(planned.manifest.job.prompts_per_shard),
+        shards: (max_tokens * bytes_per_token + samples * SAMPLE_OVERHEAD_BYTES)
+            .div_ceil(recipe.prepare.shard_max_bytes)
+            .max(1),
     })
 }
