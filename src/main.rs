@@ -26,9 +26,12 @@ enum Command {
     #[command(subcommand)]
     Cache(commands::cache::CacheCommand),
     /// Train an Eagle3, DFlash or DSpark drafter from a recipe on a prepared cache.
-    Train(commands::pending::Pending),
+    Train(commands::train::TrainArgs),
     /// Measure accepted length with a verifying speculative-decoding loop on benchmark sets.
-    Eval(commands::pending::Pending),
+    Eval(commands::eval::EvalArgs),
+    /// Recipes: show the resolved settings.
+    #[command(subcommand)]
+    Recipe(commands::train::RecipeCommand),
     /// Chat-template a prompt and stream the target model's reply.
     Generate(commands::generate::GenerateArgs),
     /// Benchmarks (throughput figures, not tests).
@@ -41,8 +44,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Prepare(args) => commands::prepare::run(args),
         Command::Cache(cmd) => commands::cache::run(cmd),
-        Command::Train(p) => p.fail("train", 5),
-        Command::Eval(p) => p.fail("eval", 6),
+        Command::Train(args) => commands::train::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Recipe(cmd) => commands::train::run_recipe(cmd),
         Command::Generate(args) => commands::generate::run(args),
         Command::Bench(cmd) => commands::bench::run(cmd),
     }

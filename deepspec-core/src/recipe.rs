@@ -32,11 +32,33 @@ pub enum RecipeError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
+    #[serde(default = "default_project")]
+    pub project_name: String,
+    /// Names the run (the reference's checkpoint folder name).
+    #[serde(default)]
+    pub exp_name: String,
+    /// Seeds initialisation and anchor sampling (reference: 42 DSpark/DFlash, 0 Eagle3).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
     pub model: ModelSection,
     #[serde(default)]
     pub data: DataSection,
     #[serde(default)]
     pub prepare: PrepareSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub logging: LoggingSection,
+    #[serde(default)]
+    pub eval: EvalSection,
+}
+
+fn default_project() -> String {
+    "deepspec".into()
+}
+
+fn default_seed() -> u64 {
+    42
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +68,161 @@ pub struct ModelSection {
     pub target_model_name_or_path: PathBuf,
     /// Decoder layers whose outputs are cached, strictly increasing, each below the last layer.
     pub target_layer_ids: Vec<usize>,
+    /// `dspark`, `dflash` or `eagle3` (the reference picks this through `train.trainer_cls`
+    /// and the model fields).
+    #[serde(default = "default_algorithm")]
+    pub algorithm: String,
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    #[serde(default = "default_draft_layers")]
+    pub num_draft_layers: usize,
+    /// The frozen embedding row that fills block slots 1..B-1 (DSpark/DFlash).
+    #[serde(default)]
+    pub mask_token_id: Option<u32>,
+    #[serde(default = "default_num_anchors")]
+    pub num_anchors: usize,
+    /// 0 = no Markov head (DFlash).
+    #[serde(default)]
+    pub markov_rank: usize,
+    #[serde(default = "default_markov_type")]
+    pub markov_head_type: String,
+    /// > 0 enables the confidence head.
+    #[serde(default)]
+    pub confidence_head_alpha: f64,
+    #[serde(default = "default_true")]
+    pub confidence_head_with_markov: bool,
+    #[serde(default = "default_decay")]
+    pub loss_decay_gamma: f64,
+    #[serde(default = "default_one")]
+    pub ce_loss_alpha: f64,
+    #[serde(default)]
+    pub l1_loss_alpha: f64,
+    /// Eagle3 training-time-test steps.
+    #[serde(default = "default_block_size")]
+    pub ttt_length: usize,
+    #[serde(default = "default_step_decay")]
+    pub step_loss_decay: f64,
+    #[serde(default = "default_eagle_layers")]
+    pub draft_num_hidden_layers: usize,
+}
+
+fn default_algorithm() -> String {
+    "dspark".into()
+}
+fn default_block_size() -> usize {
+    7
+}
+fn default_draft_layers() -> usize {
+    5
+}
+fn default_num_anchors() -> usize {
+    512
+}
+fn default_markov_type() -> String {
+    "vanilla".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_decay() -> f64 {
+    4.0
+}
+fn default_one() -> f64 {
+    1.0
+}
+fn default_step_decay() -> f64 {
+    0.8
+}
+fn default_eagle_layers() -> usize {
+    1
+}
+
+/// Optimisation settings; names and defaults are the reference's (`config/*.py`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Accepted for compatibility (`Qwen3DSparkTrainer`, `Qwen3Eagle3Trainer`, ...); the
+    /// algorithm comes from `model.algorithm`.
+    pub trainer_cls: Option<String>,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    /// `bf16`, `fp16` or `fp32`. On CPU deepspec computes in f32 whatever this says.
+    pub precision: String,
+    pub local_batch_size: usize,
+    pub global_batch_size: usize,
+    pub num_train_epochs: usize,
+    pub max_train_steps: Option<usize>,
+    pub max_grad_norm: f64,
+    /// Accepted for compatibility; deepspec trains on one device.
+    pub sharding_strategy: String,
+    /// Accepted for compatibility; no effect.
+    pub torch_compile: bool,
+    /// Keep only the newest N `step_<n>` checkpoints (0 keeps all).
+    pub keep_last: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            trainer_cls: None,
+            lr: 6.0e-4,
+            warmup_ratio: 0.04,
+            weight_decay: 0.0,
+            precision: "bf16".into(),
+            local_batch_size: 1,
+            global_batch_size: 512,
+            num_train_epochs: 10,
+            max_train_steps: None,
+            max_grad_norm: 1.0,
+            sharding_strategy: "no_shard".into(),
+            torch_compile: false,
+            keep_last: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSection {
+    pub logging_steps: usize,
+    pub checkpointing_steps: usize,
+    /// Default: `<--out>`.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Default: `<--out>/tensorboard`.
+    pub tensorboard_dir: Option<PathBuf>,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        LoggingSection {
+            logging_steps: 10,
+            checkpointing_steps: 3000,
+            checkpoint_dir: None,
+            tensorboard_dir: None,
+        }
+    }
+}
+
+/// Evaluation defaults (ours; the reference passes them on its command line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    pub temperature: f32,
+    pub max_new_tokens: usize,
+    pub confidence_threshold: f64,
+    pub seed: u64,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            temperature: 1.0,
+            max_new_tokens: 2048,
+            confidence_threshold: 0.0,
+            seed: 980406,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +238,17 @@ pub struct DataSection {
     /// Samples with fewer trained tokens than this (after truncation) are dropped.
     #[serde(default = "default_min_loss_tokens")]
     pub min_loss_tokens: usize,
+    /// The prepared cache (`deepspec train --cache` overrides it).
+    #[serde(default)]
+    pub target_cache_path: Option<PathBuf>,
+    /// Accepted for compatibility (the reference's loader workers); deepspec prefetches on
+    /// one thread.
+    #[serde(default = "default_workers")]
+    pub num_workers: usize,
+}
+
+fn default_workers() -> usize {
+    4
 }
 
 impl Default for DataSection {
@@ -69,6 +257,8 @@ impl Default for DataSection {
             chat_template: None,
             max_length: default_max_length(),
             min_loss_tokens: default_min_loss_tokens(),
+            target_cache_path: None,
+            num_workers: default_workers(),
         }
     }
 }
@@ -138,12 +328,68 @@ impl Recipe {
 
     /// Parses recipe text; `path` only names the source in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, RecipeError> {
-        let recipe: Recipe = toml::from_str(text).map_err(|e| RecipeError::Parse {
+        Self::parse_with(path, text, &[])
+    }
+
+    /// Reads a recipe and applies `--set section.key=value` overrides.
+    pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
             path: path.to_path_buf(),
-            detail: e.to_string(),
+            source,
         })?;
+        Self::parse_with(path, &text, overrides)
+    }
+
+    /// Parses recipe text with overrides applied on top. An override's value is read as TOML
+    /// (`3`, `1e-4`, `true`, `[1, 2]`, `"text"`), and as a plain string when it is not TOML.
+    pub fn parse_with(path: &Path, text: &str, overrides: &[String]) -> Result<Self, RecipeError> {
+        let parse_err = |detail: String| RecipeError::Parse {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+        for item in overrides {
+            let (key, raw) = item.split_once('=').ok_or_else(|| RecipeError::Invalid {
+                path: path.to_path_buf(),
+                field: item.clone(),
+                detail: "an override is `section.key=value`".into(),
+            })?;
+            let key = key.trim();
+            let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+            let mut parts: Vec<&str> = key.split('.').collect();
+            let leaf = parts.pop().unwrap_or_default();
+            let mut node = &mut table;
+            for part in parts {
+                node = node
+                    .entry(part.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .ok_or_else(|| RecipeError::Invalid {
+                        path: path.to_path_buf(),
+                        field: key.to_string(),
+                        detail: format!("`{part}` is a value, not a section"),
+                    })?;
+            }
+            // `none`/`null` unset an optional field (the reference's `max_train_steps=None`).
+            if matches!(raw.trim(), "none" | "None" | "null") {
+                node.remove(leaf);
+            } else {
+                node.insert(leaf.to_string(), value);
+            }
+        }
+        let recipe: Recipe = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
         recipe.validate(path)?;
         Ok(recipe)
+    }
+
+    /// The resolved recipe as TOML (every default filled in).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a recipe serializes")
     }
 
     fn validate(&self, path: &Path) -> Result<(), RecipeError> {
@@ -175,6 +421,68 @@ impl Recipe {
         }
         if self.data.max_length == 0 {
             return Err(invalid("data.max_length", "must be positive".into()));
+        }
+        let m = &self.model;
+        match m.algorithm.as_str() {
+            "dspark" | "dflash" => {
+                if m.block_size == 0 {
+                    return Err(invalid("model.block_size", "must be positive".into()));
+                }
+                if m.num_anchors == 0 {
+                    return Err(invalid("model.num_anchors", "must be positive".into()));
+                }
+            }
+            "eagle3" => {
+                if m.draft_num_hidden_layers != 1 {
+                    return Err(invalid(
+                        "model.draft_num_hidden_layers",
+                        "Eagle3 drafters have exactly one layer".into(),
+                    ));
+                }
+                if m.ttt_length == 0 {
+                    return Err(invalid("model.ttt_length", "must be positive".into()));
+                }
+            }
+            other => {
+                return Err(invalid(
+                    "model.algorithm",
+                    format!("`{other}` is not one of dspark, dflash, eagle3"),
+                ))
+            }
+        }
+        if !matches!(
+            m.markov_head_type.to_ascii_lowercase().as_str(),
+            "vanilla" | "gated" | "rnn"
+        ) {
+            return Err(invalid(
+                "model.markov_head_type",
+                format!("`{}` is not one of vanilla, gated, rnn", m.markov_head_type),
+            ));
+        }
+        let t = &self.train;
+        if !matches!(t.precision.as_str(), "bf16" | "fp16" | "fp32") {
+            return Err(invalid(
+                "train.precision",
+                format!("`{}` is not one of bf16, fp16, fp32", t.precision),
+            ));
+        }
+        if t.local_batch_size == 0 || !t.global_batch_size.is_multiple_of(t.local_batch_size) {
+            return Err(invalid(
+                "train.global_batch_size",
+                format!(
+                    "{} must be a positive multiple of train.local_batch_size ({})",
+                    t.global_batch_size, t.local_batch_size
+                ),
+            ));
+        }
+        if t.lr.is_nan() || t.lr <= 0.0 {
+            return Err(invalid("train.lr", format!("{} must be positive", t.lr)));
+        }
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            return Err(invalid(
+                "train.warmup_ratio",
+                format!("{} is outside [0, 1)", t.warmup_ratio),
+            ));
         }
         let p = &self.prepare;
         if !(0.0..=2.0).contains(&p.temperature) {

@@ -1,9 +1,7 @@
 //! Answer regeneration on the golden target: the reference's turn rule, per-prompt seeding.
 
-mod common;
-
-use common::golden_dir;
 use deepspec_core::backend::Cpu;
+use deepspec_core::fixtures::golden_dir;
 use deepspec_core::generate::GenerateParams;
 use deepspec_core::io::chat::{ChatTemplate, Message, TurnFormat};
 use deepspec_core::model::load_target;

@@ -217,108 +217,122 @@ pub fn train<B: AutodiffBackend>(
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     let steps_at_start = state.global_step;
     let mut last_checkpoint = checkpoint::latest(out);
-    while state.global_step < max_steps {
-        if settings
-            .stop_after
-            .is_some_and(|n| state.global_step - steps_at_start >= n)
-        {
-            break;
-        }
-        let mut accumulator = GradientsAccumulator::<Drafter<B>>::new();
-        let mut step_loss = 0.0;
-        for _ in 0..accum {
-            let indices = micro_batch(data.len(), samples_per_epoch, b, state.next_micro_step);
-            let samples = indices
-                .iter()
-                .map(|&i| data.sample(i))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let batch = collate(&samples, data.widths(), settings.max_length);
-            tokens += batch.lens.iter().sum::<usize>();
-            let (loss, metrics, supervised) =
-                micro_loss(&drafter, &config, &batch, &mut state.anchor_rng, settings);
-            predictions += supervised;
-            let value = loss
-                .clone()
-                .into_data()
-                .convert::<f64>()
-                .into_vec::<f64>()
-                .unwrap()[0];
-            if !value.is_finite() {
-                let bad: Vec<String> = metrics
-                    .iter()
-                    .filter(|(_, (n, d))| !n.is_finite() || !d.is_finite())
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                bail!(
+    let load = |micro: usize| -> anyhow::Result<TrainBatch> {
+        let indices = micro_batch(data.len(), samples_per_epoch, b, micro);
+        let samples = indices
+            .iter()
+            .map(|&i| data.sample(i))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(collate(&samples, data.widths(), settings.max_length))
+    };
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let mut pending: Option<std::thread::ScopedJoinHandle<anyhow::Result<TrainBatch>>> = None;
+        while state.global_step < max_steps {
+            if settings
+                .stop_after
+                .is_some_and(|n| state.global_step - steps_at_start >= n)
+            {
+                break;
+            }
+            let mut accumulator = GradientsAccumulator::<Drafter<B>>::new();
+            let mut step_loss = 0.0;
+            for _ in 0..accum {
+                // The batch read ahead while the previous one computed, then the next read-ahead.
+                let batch = match pending.take() {
+                    Some(handle) => handle.join().expect("prefetch thread panicked")?,
+                    None => load(state.next_micro_step)?,
+                };
+                let ahead = state.next_micro_step + 1;
+                pending = Some(scope.spawn(move || load(ahead)));
+                tokens += batch.lens.iter().sum::<usize>();
+                let (loss, metrics, supervised) =
+                    micro_loss(&drafter, &config, &batch, &mut state.anchor_rng, settings);
+                predictions += supervised;
+                let value = loss
+                    .clone()
+                    .into_data()
+                    .convert::<f64>()
+                    .into_vec::<f64>()
+                    .unwrap()[0];
+                if !value.is_finite() {
+                    let bad: Vec<String> = metrics
+                        .iter()
+                        .filter(|(_, (n, d))| !n.is_finite() || !d.is_finite())
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    bail!(
                     "step {}: the loss is {value} (non-finite terms: {}); stopping before the optimizer step",
                     state.global_step + 1,
                     if bad.is_empty() { "total".into() } else { bad.join(", ") }
                 );
+                }
+                step_loss += value / accum as f64;
+                window.add_ratios(&metrics);
+                let grads = (loss / accum as f64).backward();
+                accumulator.accumulate(&drafter, GradientsParams::from_grads(grads, &drafter));
+                state.next_micro_step += 1;
             }
-            step_loss += value / accum as f64;
-            window.add_ratios(&metrics);
-            let grads = (loss / accum as f64).backward();
-            accumulator.accumulate(&drafter, GradientsParams::from_grads(grads, &drafter));
-            state.next_micro_step += 1;
-        }
-        let grads = accumulator.grads();
-        let lr = learning_rate(
-            settings.lr,
-            settings.warmup_ratio,
-            max_steps,
-            state.global_step + 1,
-        );
-        let (next, report) = optim.step(drafter, &grads, lr);
-        drafter = next;
-        state.global_step += 1;
-        window.losses.push(step_loss);
-        if first_loss.is_nan() {
-            first_loss = step_loss;
-        }
-        last_loss = step_loss;
-        let next_lr = learning_rate(
-            settings.lr,
-            settings.warmup_ratio,
-            max_steps,
-            state.global_step + 1,
-        );
-        let elapsed = started.elapsed().as_secs_f64().max(1e-9);
-        progress.set_position(state.global_step as u64);
-        progress.set_message(format!(
-            "loss {step_loss:.4} lr {lr:.2e} {:.0} tok/s",
-            tokens as f64 / elapsed
-        ));
-        if state
-            .global_step
-            .is_multiple_of(settings.logging_steps.max(1))
-            || state.global_step == max_steps
-        {
-            let values = window.values(next_lr, report.grad_norm);
-            if let Some(l) = logger.as_mut() {
-                l.write(state.global_step, &values);
-            }
-            let done = state.global_step - steps_at_start;
-            let remaining = elapsed / done.max(1) as f64 * (max_steps - state.global_step) as f64;
-            progress.println(format!(
-                "epoch={} step={}/{} loss={:.4} | elapsed={:.1}min | remaining={:.1}min",
-                state.next_micro_step / (samples_per_epoch / b) + 1,
-                state.global_step,
+            let grads = accumulator.grads();
+            let lr = learning_rate(
+                settings.lr,
+                settings.warmup_ratio,
                 max_steps,
-                values.get("loss").copied().unwrap_or(f64::NAN),
-                elapsed / 60.0,
-                remaining / 60.0
+                state.global_step + 1,
+            );
+            let (next, report) = optim.step(drafter, &grads, lr);
+            drafter = next;
+            state.global_step += 1;
+            window.losses.push(step_loss);
+            if first_loss.is_nan() {
+                first_loss = step_loss;
+            }
+            last_loss = step_loss;
+            let next_lr = learning_rate(
+                settings.lr,
+                settings.warmup_ratio,
+                max_steps,
+                state.global_step + 1,
+            );
+            let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+            progress.set_position(state.global_step as u64);
+            progress.set_message(format!(
+                "loss {step_loss:.4} lr {lr:.2e} {:.0} tok/s",
+                tokens as f64 / elapsed
             ));
-            window = Window::default();
+            if state
+                .global_step
+                .is_multiple_of(settings.logging_steps.max(1))
+                || state.global_step == max_steps
+            {
+                let values = window.values(next_lr, report.grad_norm);
+                if let Some(l) = logger.as_mut() {
+                    l.write(state.global_step, &values);
+                }
+                let done = state.global_step - steps_at_start;
+                let remaining =
+                    elapsed / done.max(1) as f64 * (max_steps - state.global_step) as f64;
+                progress.println(format!(
+                    "epoch={} step={}/{} loss={:.4} | elapsed={:.1}min | remaining={:.1}min",
+                    state.next_micro_step / (samples_per_epoch / b) + 1,
+                    state.global_step,
+                    max_steps,
+                    values.get("loss").copied().unwrap_or(f64::NAN),
+                    elapsed / 60.0,
+                    remaining / 60.0
+                ));
+                window = Window::default();
+            }
+            if state
+                .global_step
+                .is_multiple_of(settings.checkpointing_steps.max(1))
+                || state.global_step == max_steps
+            {
+                last_checkpoint =
+                    checkpoint::save(out, &drafter, &config, &optim, &state, settings.keep_last)?;
+            }
         }
-        if state
-            .global_step
-            .is_multiple_of(settings.checkpointing_steps.max(1))
-            || state.global_step == max_steps
-        {
-            last_checkpoint =
-                checkpoint::save(out, &drafter, &config, &optim, &state, settings.keep_last)?;
-        }
-    }
+        Ok(())
+    })?;
     progress.finish_and_clear();
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
     Ok(TrainSummary {

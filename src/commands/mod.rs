@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod cache;
+pub mod eval;
 pub mod generate;
-pub mod pending;
 pub mod prepare;
+pub mod train;

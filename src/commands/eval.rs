@@ -1,0 +1,272 @@
+//! `deepspec eval`: speculative decoding over the benchmark sets, with the report, plots,
+//! confidence calibration and the regression gate.
+
+use crate::device::{dispatch, DeviceKind, OnBackend};
+use anyhow::{bail, Context};
+use burn::tensor::backend::Backend;
+use deepspec_core::drafter::Drafter;
+use deepspec_core::io::chat::ChatTemplate;
+use deepspec_core::model::load_target;
+use deepspec_eval::datasets::{load_sets, Domain, Lookup};
+use deepspec_eval::engine::{DecodeParams, DecodeTrace};
+use deepspec_eval::metrics::{
+    calibrated, confidence_points, ece, fit_sts, reliability, roc_auc, sigmoid, threshold_sweep,
+    AcceptanceStats,
+};
+use deepspec_eval::report::{regression_gate, CalibrationReport, Report, SetReport};
+use deepspec_eval::runner::run_set;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Recipe naming the target model (`[model] target_model_name_or_path`).
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// Target model path (overrides the recipe's).
+    #[arg(long)]
+    pub target: Option<PathBuf>,
+    /// Drafter checkpoint folder (config.json + model.safetensors).
+    #[arg(long)]
+    pub drafter: PathBuf,
+    /// Folder of `<set>.jsonl` files (scripts/fetch-eval-datasets.sh builds it).
+    #[arg(long)]
+    pub datasets: PathBuf,
+    /// Comma-separated sets (default: all nine).
+    #[arg(long, value_delimiter = ',')]
+    pub sets: Vec<String>,
+    /// At most this many prompts per set (file order).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// 0 = greedy; the reference evaluates at 1.0.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 2048)]
+    pub max_new_tokens: usize,
+    /// DSpark: stop a block at the first slot whose confidence is below this (0 = full blocks).
+    #[arg(long, default_value_t = 0.0)]
+    pub confidence_threshold: f64,
+    #[arg(long, default_value_t = 980406)]
+    pub seed: u64,
+    /// Write the JSON report here (schema: docs/eval-report.md).
+    #[arg(long)]
+    pub report: PathBuf,
+    /// Write PNG plots into this folder.
+    #[arg(long)]
+    pub plots: Option<PathBuf>,
+    /// Fit Sequential Temperature Scaling on half the confidence points and write
+    /// `calibration.json` beside the drafter.
+    #[arg(long)]
+    pub calibrate: bool,
+    /// Compare with this report; exit non-zero when τ falls by more than --tolerance.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+    /// Relative drop of τ the gate allows (0.05 = 5 %).
+    #[arg(long, default_value_t = 0.05)]
+    pub tolerance: f64,
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let gate = dispatch(args.device, args)?;
+    if !gate {
+        std::process::exit(3);
+    }
+    Ok(())
+}
+
+/// The target path: `--target`, else the recipe's `[model] target_model_name_or_path`.
+pub fn target_path(target: &Option<PathBuf>, recipe: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(t) = target {
+        return Ok(t.clone());
+    }
+    let Some(recipe) = recipe else {
+        bail!("name the target with --recipe (its [model] target_model_name_or_path) or --target");
+    };
+    let recipe = deepspec_core::recipe::Recipe::load(&crate::commands::train::resolve_recipe(
+        &recipe.display().to_string(),
+    ))?;
+    Ok(recipe.model.target_model_name_or_path)
+}
+
+impl OnBackend for EvalArgs {
+    /// Whether the regression gate passed (true without a baseline).
+    type Output = bool;
+
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<bool> {
+        let target_path = target_path(&self.target, &self.recipe)?;
+        let target = load_target::<B>(&target_path, &device)
+            .with_context(|| format!("loading target {}", target_path.display()))?;
+        let (drafter, config) = Drafter::<B>::load(&self.drafter, &device)
+            .with_context(|| format!("loading drafter {}", self.drafter.display()))?;
+        config.check_target(&target.config, &target_path)?;
+        let template = ChatTemplate::for_tokenizer(&target.tokenizer)
+            .context("compiling the chat template")?;
+        let sets = load_sets(&self.datasets, &self.sets, self.limit)?;
+        let params = DecodeParams {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            confidence_threshold: self.confidence_threshold,
+            stop_ids: target.tokenizer.eos_ids.clone(),
+            target_layer_ids: config
+                .target_layer_ids
+                .iter()
+                .map(|&l| l as usize)
+                .collect(),
+        };
+        let mut report = Report {
+            macro_tau: 0.0,
+            domain_tau: BTreeMap::new(),
+            sets: BTreeMap::new(),
+            missing_sets: Vec::new(),
+            target: target_path.display().to_string(),
+            drafter: self.drafter.display().to_string(),
+            algorithm: config.algorithm.name().to_string(),
+            temperature: self.temperature,
+            max_new_tokens: self.max_new_tokens,
+            confidence_threshold: self.confidence_threshold,
+            calibration: None,
+        };
+        let mut all_traces: Vec<(Domain, DecodeTrace)> = Vec::new();
+        let mut per_domain: BTreeMap<Domain, AcceptanceStats> = BTreeMap::new();
+        for lookup in sets {
+            let dataset = match lookup {
+                Lookup::Found(d) => d,
+                Lookup::Missing { name, expected } => {
+                    eprintln!(
+                        "set {name}: missing ({} not found); skipped, reported as missing",
+                        expected.display()
+                    );
+                    report.missing_sets.push(name);
+                    continue;
+                }
+            };
+            let turns: usize = dataset.samples.iter().map(|s| s.turns.len()).sum();
+            let progress = ProgressBar::new((turns * self.max_new_tokens) as u64);
+            progress.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:>14} [{bar:30}] {pos}/~{len} tokens {per_sec} eta {eta}",
+                )
+                .unwrap()
+                .progress_chars("=> "),
+            );
+            progress.set_prefix(dataset.name.clone());
+            let run = run_set(
+                &target, &drafter, &config, &template, &dataset, &params, self.seed, &progress,
+            )?;
+            progress.finish_and_clear();
+            eprintln!(
+                "set {}: τ {:.3} over {} rounds ({} tokens in {:.1}s)",
+                dataset.name,
+                run.stats.tau(),
+                run.stats.rounds,
+                run.generated,
+                run.wall_seconds
+            );
+            for trace in &run.traces {
+                per_domain.entry(dataset.domain).or_default().add(trace);
+            }
+            report.sets.insert(
+                dataset.name.clone(),
+                SetReport::new(
+                    dataset.domain,
+                    dataset.samples.len(),
+                    &run.stats,
+                    run.wall_seconds,
+                ),
+            );
+            all_traces.extend(run.traces.into_iter().map(|t| (dataset.domain, t)));
+        }
+        if report.sets.is_empty() {
+            bail!("no benchmark set found in {}", self.datasets.display());
+        }
+        report.aggregate();
+
+        let traces: Vec<&DecodeTrace> = all_traces.iter().map(|(_, t)| t).collect();
+        let points: Vec<_> = traces.iter().flat_map(|t| confidence_points(t)).collect();
+        let mut reliability_bins = None;
+        if !points.is_empty() {
+            // Fit on even-indexed points, measure on the odd ones (held out).
+            let fit: Vec<_> = points.iter().step_by(2).copied().collect();
+            let held: Vec<_> = points.iter().skip(1).step_by(2).copied().collect();
+            let slots = config.block_size;
+            let temperatures = fit_sts(&fit, slots);
+            let raw: Vec<(f64, bool)> = held
+                .iter()
+                .map(|p| (sigmoid(p.logit), p.accepted))
+                .collect();
+            let after = calibrated(&held, &temperatures);
+            let thresholds: Vec<f64> = (0..=20).map(|i| i as f64 / 20.0).collect();
+            reliability_bins = Some((reliability(&raw, 10), reliability(&after, 10)));
+            report.calibration = Some(CalibrationReport {
+                points: points.len(),
+                ece: ece(&raw),
+                roc_auc: roc_auc(&raw),
+                sts_temperatures: temperatures.clone(),
+                ece_after: ece(&after),
+                roc_auc_after: roc_auc(&after),
+                threshold_sweep: threshold_sweep(&traces, &thresholds),
+            });
+            if self.calibrate {
+                let path = self.drafter.join("calibration.json");
+                let body = serde_json::json!({"method": "sequential_temperature_scaling", "temperatures": temperatures});
+                std::fs::write(&path, serde_json::to_string_pretty(&body)? + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+        } else if self.calibrate {
+            bail!(
+                "--calibrate needs a drafter with a confidence head (this is {})",
+                config.algorithm.name()
+            );
+        }
+        report.write(&self.report)?;
+        println!("{}", report.markdown());
+        if let Some(c) = &report.calibration {
+            println!(
+                "confidence: ECE {:.4} -> {:.4} after STS, ROC-AUC {} -> {}",
+                c.ece,
+                c.ece_after,
+                c.roc_auc.map_or("n/a".into(), |a| format!("{a:.4}")),
+                c.roc_auc_after.map_or("n/a".into(), |a| format!("{a:.4}"))
+            );
+        }
+        eprintln!("report: {}", self.report.display());
+        if let Some(dir) = &self.plots {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let per_domain: BTreeMap<Domain, Vec<f64>> = per_domain
+                .iter()
+                .map(|(d, s)| (*d, s.conditional_acceptance()))
+                .collect();
+            deepspec_eval::plots::acceptance_by_position(
+                &dir.join("acceptance_by_position.png"),
+                &per_domain,
+            )?;
+            if let (Some((before, after)), Some(c)) = (&reliability_bins, &report.calibration) {
+                deepspec_eval::plots::reliability(&dir.join("reliability.png"), before, after)?;
+                deepspec_eval::plots::threshold_sweep(
+                    &dir.join("threshold_sweep.png"),
+                    &c.threshold_sweep,
+                )?;
+            }
+            eprintln!("plots: {}", dir.display());
+        }
+        if let Some(baseline) = &self.baseline {
+            let (lines, ok) = regression_gate(&report, baseline, self.tolerance)?;
+            for line in &lines {
+                println!("{line}");
+            }
+            if !ok {
+                eprintln!(
+                    "regression gate: τ fell by more than {:.1}% against {}",
+                    self.tolerance * 100.0,
+                    baseline.display()
+                );
+            }
+            return Ok(ok);
+        }
+        Ok(true)
+    }
+}
