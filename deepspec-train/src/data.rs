@@ -85,6 +85,32 @@ pub fn micro_batch(len: usize, samples_per_epoch: usize, batch: usize, micro: us
         .collect()
 }
 
+/// A prepared Parquet cache as a sample source.
+pub struct CacheSource {
+    pub reader: deepspec_core::cache::reader::CacheReader,
+}
+
+impl SampleSource for CacheSource {
+    fn len(&self) -> usize {
+        self.reader.len() as usize
+    }
+
+    fn widths(&self) -> (usize, usize) {
+        let m = &self.reader.manifest;
+        (m.target_layer_ids.len() * m.hidden_size, m.hidden_size)
+    }
+
+    fn sample(&self, index: usize) -> anyhow::Result<Sample> {
+        let s = self.reader.sample(index as u64)?;
+        Ok(Sample {
+            input_ids: s.input_ids.iter().map(|&t| t as i64).collect(),
+            loss_mask: s.loss_mask.clone(),
+            target_hidden: s.hidden.to_f32(),
+            target_last_hidden: s.last_hidden.to_f32(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,31 +140,5 @@ mod tests {
         assert_eq!(b.input_ids, vec![vec![1, 2, 3], vec![1, 0, 0]]);
         assert_eq!(b.lens, vec![3, 1]);
         assert_eq!(b.target_hidden.data[6..], [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
-    }
-}
-
-/// A prepared Parquet cache as a sample source.
-pub struct CacheSource {
-    pub reader: deepspec_core::cache::reader::CacheReader,
-}
-
-impl SampleSource for CacheSource {
-    fn len(&self) -> usize {
-        self.reader.len() as usize
-    }
-
-    fn widths(&self) -> (usize, usize) {
-        let m = &self.reader.manifest;
-        (m.target_layer_ids.len() * m.hidden_size, m.hidden_size)
-    }
-
-    fn sample(&self, index: usize) -> anyhow::Result<Sample> {
-        let s = self.reader.sample(index as u64)?;
-        Ok(Sample {
-            input_ids: s.input_ids.iter().map(|&t| t as i64).collect(),
-            loss_mask: s.loss_mask.clone(),
-            target_hidden: s.hidden.to_f32(),
-            target_last_hidden: s.last_hidden.to_f32(),
-        })
     }
 }
