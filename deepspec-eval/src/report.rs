@@ -133,8 +133,20 @@ pub fn regression_gate(
 ) -> anyhow::Result<(Vec<String>, bool)> {
     let text = std::fs::read_to_string(baseline_path)
         .with_context(|| format!("reading baseline {}", baseline_path.display()))?;
-    let baseline: serde_json::Value = serde_json::from_str(&text)
+    let whole: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: not valid JSON", baseline_path.display()))?;
+    // A baseline holds one report, or one per algorithm (`{"dspark": {...}, "dflash": {...}}`).
+    let baseline = if whole.get("macro_tau").is_some() {
+        &whole
+    } else {
+        whole.get(&report.algorithm).with_context(|| {
+            format!(
+                "{}: no `macro_tau` and no `{}` section (a baseline is an eval report, or reports keyed by algorithm)",
+                baseline_path.display(),
+                report.algorithm
+            )
+        })?
+    };
     let base_macro = baseline["macro_tau"].as_f64().with_context(|| {
         format!(
             "{}: field `macro_tau` missing or not a number",

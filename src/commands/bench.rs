@@ -14,12 +14,15 @@ pub enum BenchCommand {
     Target(TargetBench),
     /// Drafter training step time on synthetic data of a target's shape.
     Train(TrainBench),
+    /// Speculative decoding against target-only decoding, same engine, one run.
+    Eval(EvalBench),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Target(args) => dispatch(args.device, args),
         BenchCommand::Train(args) => dispatch(args.device, args),
+        BenchCommand::Eval(args) => dispatch(args.device, args),
     }
 }
 
@@ -332,6 +335,116 @@ impl OnBackend for TargetBench {
             "{}",
             serde_json::json!({"bench": "target", "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
                                "prompt_tokens": self.prompt_tokens, "decode_tokens": self.decode_tokens})
+        );
+        Ok(())
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvalBench {
+    /// Recipe naming the target.
+    #[arg(long)]
+    pub recipe: String,
+    #[arg(long)]
+    pub drafter: PathBuf,
+    #[arg(long)]
+    pub datasets: PathBuf,
+    #[arg(long, default_value = "gsm8k")]
+    pub set: String,
+    #[arg(long, default_value_t = 3)]
+    pub prompts: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
+}
+
+impl OnBackend for EvalBench {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        use deepspec_core::drafter::Drafter;
+        use deepspec_core::io::chat::{ChatTemplate, Message};
+        use deepspec_core::sampling::Rng;
+        use deepspec_eval::engine::{decode, DecodeParams};
+        use deepspec_eval::proposer::{NoDraft, Proposer};
+        let recipe = deepspec_core::recipe::Recipe::load(&crate::commands::train::resolve_recipe(
+            &self.recipe,
+        ))?;
+        let target = load_target::<B>(&recipe.model.target_model_name_or_path, &device)?;
+        let (drafter, config) = Drafter::<B>::load(&self.drafter, &device)?;
+        config.check_target(&target.config, &recipe.model.target_model_name_or_path)?;
+        let template = ChatTemplate::for_tokenizer(&target.tokenizer)?;
+        let set = deepspec_eval::datasets::read_jsonl(
+            &self.set,
+            &self.datasets.join(format!("{}.jsonl", self.set)),
+            Some(self.prompts),
+        )?;
+        let params = DecodeParams {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            confidence_threshold: 0.0,
+            stop_ids: target.tokenizer.eos_ids.clone(),
+            target_layer_ids: config
+                .target_layer_ids
+                .iter()
+                .map(|&l| l as usize)
+                .collect(),
+        };
+        let prompts: Vec<Vec<u32>> = set
+            .samples
+            .iter()
+            .map(|s| {
+                let text =
+                    template.render(&[Message::new("user", &s.turns[0])], true, Some(false))?;
+                Ok(target.tokenizer.encode(&text)?)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        // Warm up both paths once.
+        let mut warm = deepspec_eval::runner::proposer(&drafter, &config);
+        decode(
+            &target,
+            warm.as_mut(),
+            &prompts[0],
+            &params,
+            &mut Rng::new(0),
+        );
+        let run = |speculative: bool| -> (usize, usize, f64) {
+            let (mut tokens, mut rounds) = (0, 0);
+            let start = Instant::now();
+            for (i, p) in prompts.iter().enumerate() {
+                let mut proposer: Box<dyn Proposer<B> + '_> = if speculative {
+                    deepspec_eval::runner::proposer(&drafter, &config)
+                } else {
+                    Box::new(NoDraft)
+                };
+                let trace = decode(
+                    &target,
+                    proposer.as_mut(),
+                    p,
+                    &params,
+                    &mut Rng::for_item(0, i as u64),
+                );
+                tokens += trace.output_ids.len() - trace.prompt_len;
+                rounds += trace.rounds.len();
+            }
+            (tokens, rounds, start.elapsed().as_secs_f64())
+        };
+        let (base_tokens, _, base_time) = run(false);
+        let (spec_tokens, rounds, spec_time) = run(true);
+        let base_rate = base_tokens as f64 / base_time;
+        let spec_rate = spec_tokens as f64 / spec_time;
+        let tau = (spec_tokens as f64 / rounds.max(1) as f64).max(0.0);
+        println!("backend              {}", std::any::type_name::<B>());
+        println!("target-only          {base_rate:.1} tokens/s ({base_tokens} tokens)");
+        println!("speculative ({})  {spec_rate:.1} tokens/s ({spec_tokens} tokens, {rounds} rounds, about τ {tau:.2})", config.algorithm.name());
+        println!("speed-up             {:.2}x", spec_rate / base_rate);
+        println!(
+            "{}",
+            serde_json::json!({"bench": "eval", "target_only_tokens_per_s": base_rate, "speculative_tokens_per_s": spec_rate,
+                               "speedup": spec_rate / base_rate, "rounds": rounds, "tokens": spec_tokens})
         );
         Ok(())
     }

@@ -39,16 +39,19 @@ pub struct EvalArgs {
     /// At most this many prompts per set (file order).
     #[arg(long)]
     pub limit: Option<usize>,
-    /// 0 = greedy; the reference evaluates at 1.0.
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 2048)]
-    pub max_new_tokens: usize,
-    /// DSpark: stop a block at the first slot whose confidence is below this (0 = full blocks).
-    #[arg(long, default_value_t = 0.0)]
-    pub confidence_threshold: f64,
-    #[arg(long, default_value_t = 980406)]
-    pub seed: u64,
+    /// 0 = greedy [default: the recipe's eval.temperature, else 1.0 as the reference].
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// [default: the recipe's eval.max_new_tokens, else 2048]
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// DSpark: stop a block at the first slot whose confidence is below this (0 = full
+    /// blocks) [default: the recipe's eval.confidence_threshold, else 0].
+    #[arg(long)]
+    pub confidence_threshold: Option<f64>,
+    /// [default: the recipe's eval.seed, else 980406]
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Write the JSON report here (schema: docs/eval-report.md).
     #[arg(long)]
     pub report: PathBuf,
@@ -77,18 +80,26 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The target path: `--target`, else the recipe's `[model] target_model_name_or_path`.
-pub fn target_path(target: &Option<PathBuf>, recipe: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    if let Some(t) = target {
-        return Ok(t.clone());
-    }
-    let Some(recipe) = recipe else {
-        bail!("name the target with --recipe (its [model] target_model_name_or_path) or --target");
+/// The target path (`--target`, else the recipe's `[model] target_model_name_or_path`) and
+/// the recipe's `[eval]` defaults.
+pub fn target_and_defaults(
+    target: &Option<PathBuf>,
+    recipe: &Option<PathBuf>,
+) -> anyhow::Result<(PathBuf, deepspec_core::recipe::EvalSection)> {
+    let recipe = match recipe {
+        Some(r) => Some(deepspec_core::recipe::Recipe::load(
+            &crate::commands::train::resolve_recipe(&r.display().to_string()),
+        )?),
+        None => None,
     };
-    let recipe = deepspec_core::recipe::Recipe::load(&crate::commands::train::resolve_recipe(
-        &recipe.display().to_string(),
-    ))?;
-    Ok(recipe.model.target_model_name_or_path)
+    let defaults = recipe.as_ref().map(|r| r.eval.clone()).unwrap_or_default();
+    match (target, recipe) {
+        (Some(t), _) => Ok((t.clone(), defaults)),
+        (None, Some(r)) => Ok((r.model.target_model_name_or_path, defaults)),
+        (None, None) => bail!(
+            "name the target with --recipe (its [model] target_model_name_or_path) or --target"
+        ),
+    }
 }
 
 impl OnBackend for EvalArgs {
@@ -96,7 +107,13 @@ impl OnBackend for EvalArgs {
     type Output = bool;
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<bool> {
-        let target_path = target_path(&self.target, &self.recipe)?;
+        let (target_path, defaults) = target_and_defaults(&self.target, &self.recipe)?;
+        let temperature = self.temperature.unwrap_or(defaults.temperature);
+        let max_new_tokens = self.max_new_tokens.unwrap_or(defaults.max_new_tokens);
+        let confidence_threshold = self
+            .confidence_threshold
+            .unwrap_or(defaults.confidence_threshold);
+        let seed = self.seed.unwrap_or(defaults.seed);
         let target = load_target::<B>(&target_path, &device)
             .with_context(|| format!("loading target {}", target_path.display()))?;
         let (drafter, config) = Drafter::<B>::load(&self.drafter, &device)
@@ -106,9 +123,9 @@ impl OnBackend for EvalArgs {
             .context("compiling the chat template")?;
         let sets = load_sets(&self.datasets, &self.sets, self.limit)?;
         let params = DecodeParams {
-            max_new_tokens: self.max_new_tokens,
-            temperature: self.temperature,
-            confidence_threshold: self.confidence_threshold,
+            max_new_tokens,
+            temperature,
+            confidence_threshold,
             stop_ids: target.tokenizer.eos_ids.clone(),
             target_layer_ids: config
                 .target_layer_ids
@@ -124,9 +141,9 @@ impl OnBackend for EvalArgs {
             target: target_path.display().to_string(),
             drafter: self.drafter.display().to_string(),
             algorithm: config.algorithm.name().to_string(),
-            temperature: self.temperature,
-            max_new_tokens: self.max_new_tokens,
-            confidence_threshold: self.confidence_threshold,
+            temperature,
+            max_new_tokens,
+            confidence_threshold,
             calibration: None,
         };
         let mut all_traces: Vec<(Domain, DecodeTrace)> = Vec::new();
@@ -144,7 +161,7 @@ impl OnBackend for EvalArgs {
                 }
             };
             let turns: usize = dataset.samples.iter().map(|s| s.turns.len()).sum();
-            let progress = ProgressBar::new((turns * self.max_new_tokens) as u64);
+            let progress = ProgressBar::new((turns * max_new_tokens) as u64);
             progress.set_style(
                 ProgressStyle::with_template(
                     "{prefix:>14} [{bar:30}] {pos}/~{len} tokens {per_sec} eta {eta}",
@@ -154,7 +171,7 @@ impl OnBackend for EvalArgs {
             );
             progress.set_prefix(dataset.name.clone());
             let run = run_set(
-                &target, &drafter, &config, &template, &dataset, &params, self.seed, &progress,
+                &target, &drafter, &config, &template, &dataset, &params, seed, &progress,
             )?;
             progress.finish_and_clear();
             eprintln!(

@@ -50,6 +50,9 @@ pub struct PrepareArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Override a recipe field: `--set prepare.max_new_tokens=64` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
 }
@@ -66,7 +69,7 @@ fn parse_dtype(s: &str) -> Result<HiddenDtype, String> {
 
 impl PrepareArgs {
     fn options(&self) -> anyhow::Result<PrepareOptions> {
-        let mut recipe = Recipe::load(&self.recipe)?;
+        let mut recipe = Recipe::load_with(&self.recipe, &self.overrides)?;
         if let Some(dtype) = self.hidden_dtype {
             recipe.prepare.hidden_dtype = dtype;
         }

@@ -1,0 +1,190 @@
+//! `deepspec eval` from the command line on the golden target and drafters: the report's
+//! schema, plots, the gate's exit code, and the errors a user meets.
+
+use deepspec_core::fixtures::{golden_dir, smollm2, workspace_root};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn deepspec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deepspec"))
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .unwrap()
+}
+
+/// A datasets folder with two small sets of word-level prompts (the golden tokenizer's).
+fn datasets(dir: &Path) -> std::path::PathBuf {
+    let d = dir.join("sets");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("gsm8k.jsonl"),
+        "{\"turns\": [\"<t183> <t451> <t153> <t476>\"]}\n{\"turns\": [\"<t94> <t144> <t305>\"]}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("mt-bench.jsonl"),
+        "{\"turns\": [\"<t5> <t6>\", \"<t7> <t8>\"]}\n",
+    )
+    .unwrap();
+    d
+}
+
+fn eval(dir: &Path, algo: &str, extra: &[&str]) -> Output {
+    let golden = golden_dir();
+    let sets = datasets(dir);
+    let report = dir.join(format!("{algo}.json"));
+    let mut args = vec![
+        "eval",
+        "--target",
+        golden.join("target").to_str().unwrap(),
+        "--drafter",
+        golden.join(algo).to_str().unwrap(),
+        "--datasets",
+        sets.to_str().unwrap(),
+        "--sets",
+        "gsm8k,mt-bench,alpaca",
+        "--max-new-tokens",
+        "24",
+        "--temperature",
+        "0",
+        "--report",
+        report.to_str().unwrap(),
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    deepspec(&args)
+}
+
+#[test]
+fn report_schema_plots_and_missing_sets() {
+    let dir = tempfile::tempdir().unwrap();
+    let plots = dir.path().join("plots");
+    let out = eval(dir.path(), "dspark", &["--plots", plots.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("alpaca: missing"), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("dspark.json")).unwrap())
+            .unwrap();
+    assert!(report["macro_tau"].as_f64().unwrap() >= 1.0);
+    assert_eq!(report["missing_sets"], serde_json::json!(["alpaca"]));
+    for set in ["gsm8k", "mt-bench"] {
+        let s = &report["sets"][set];
+        assert!(s["tau"].as_f64().unwrap() >= 1.0, "{set}");
+        assert!(s["rounds"].as_u64().unwrap() > 0, "{set}");
+        assert_eq!(
+            s["conditional_acceptance"].as_array().unwrap().len(),
+            7,
+            "{set}"
+        );
+    }
+    assert_eq!(report["sets"]["mt-bench"]["domain"], "chat");
+    let calibration = &report["calibration"];
+    assert_eq!(calibration["sts_temperatures"].as_array().unwrap().len(), 7);
+    assert_eq!(calibration["threshold_sweep"].as_array().unwrap().len(), 21);
+    for png in [
+        "acceptance_by_position.png",
+        "reliability.png",
+        "threshold_sweep.png",
+    ] {
+        let bytes = std::fs::read(plots.join(png)).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG", "{png}");
+    }
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("| gsm8k |") && table.contains("**macro**"),
+        "{table}"
+    );
+}
+
+#[test]
+fn gate_passes_on_itself_and_fails_on_a_higher_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(eval(dir.path(), "eagle3", &[]).status.success());
+    let report = dir.path().join("eagle3.json");
+    let own = dir.path().join("own.json");
+    std::fs::copy(&report, &own).unwrap();
+    assert!(eval(
+        dir.path(),
+        "eagle3",
+        &["--baseline", own.to_str().unwrap(), "--tolerance", "0.01"]
+    )
+    .status
+    .success());
+    let mut higher: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&own).unwrap()).unwrap();
+    let tau = higher["sets"]["gsm8k"]["tau"].as_f64().unwrap();
+    higher["sets"]["gsm8k"]["tau"] = serde_json::json!(tau * 1.5);
+    std::fs::write(&own, higher.to_string()).unwrap();
+    let out = eval(
+        dir.path(),
+        "eagle3",
+        &["--baseline", own.to_str().unwrap(), "--tolerance", "0.05"],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("FAIL gsm8k") && stdout.contains("ok   macro_tau"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_inputs_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = datasets(dir.path());
+    std::fs::write(
+        sets.join("gsm8k.jsonl"),
+        "{\"turns\": [\"<t1>\"]}\n{\"turn\": [\"<t2>\"]}\n",
+    )
+    .unwrap();
+    let golden = golden_dir();
+    let report = dir.path().join("r.json");
+    let run = |target: &Path| {
+        deepspec(&[
+            "eval",
+            "--target",
+            target.to_str().unwrap(),
+            "--drafter",
+            golden.join("dflash").to_str().unwrap(),
+            "--datasets",
+            sets.to_str().unwrap(),
+            "--sets",
+            "gsm8k",
+            "--report",
+            report.to_str().unwrap(),
+        ])
+    };
+    let e = String::from_utf8_lossy(&run(&golden.join("target")).stderr).into_owned();
+    assert!(e.contains("gsm8k.jsonl:2") && e.contains("turns"), "{e}");
+    let e = String::from_utf8_lossy(&run(&smollm2()).stderr).into_owned();
+    assert!(
+        e.contains("hidden_size") && e.contains("another target"),
+        "{e}"
+    );
+    let e = String::from_utf8_lossy(
+        &deepspec(&[
+            "eval",
+            "--target",
+            golden.join("target").to_str().unwrap(),
+            "--drafter",
+            golden.join("dflash").to_str().unwrap(),
+            "--datasets",
+            sets.to_str().unwrap(),
+            "--sets",
+            "mmlu",
+            "--report",
+            report.to_str().unwrap(),
+        ])
+        .stderr,
+    )
+    .into_owned();
+    assert!(
+        e.contains("unknown set `mmlu`") && e.contains("gsm8k"),
+        "{e}"
+    );
+}
