@@ -6,15 +6,15 @@
 use super::config::{DrafterConfig, MarkovKind};
 use super::heads::markov::MarkovFeatures;
 use super::heads::{ConfidenceHead, MarkovHead};
-use super::{frozen, linear_from, norm_from};
+use super::{attention_from, frozen, linear_from, mlp_from, norm_from};
 use crate::io::WeightSource;
 use crate::model::attention::attention;
 use crate::model::embedding::Embedding;
 use crate::model::linear::Linear;
 use crate::model::norm::RmsNorm;
+use crate::model::param_from_host;
 use crate::model::rope::Rope;
 use crate::model::transformer::DecoderLayer;
-use crate::model::{attention::SelfAttention, mlp::Mlp, param_from_host};
 use crate::LoadError;
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Bool, Int, Tensor};
@@ -196,56 +196,10 @@ fn decoder_layer<B: Backend>(
     input_width: usize,
     device: &B::Device,
 ) -> Result<DecoderLayer<B>, LoadError> {
-    let c = &config.base;
-    let (h, d, eps) = (c.hidden_size, c.head_dim, c.rms_norm_eps);
-    let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
-    let bias = c.attention_bias;
+    let (h, eps) = (config.base.hidden_size, config.base.rms_norm_eps);
     Ok(DecoderLayer {
         input_layernorm: norm_from(src, &format!("{p}.input_layernorm.weight"), h, eps, device)?,
-        self_attn: SelfAttention {
-            q_proj: linear_from(
-                src,
-                &format!("{p}.self_attn.q_proj"),
-                q,
-                input_width,
-                bias,
-                device,
-            )?,
-            k_proj: linear_from(
-                src,
-                &format!("{p}.self_attn.k_proj"),
-                kv,
-                input_width,
-                bias,
-                device,
-            )?,
-            v_proj: linear_from(
-                src,
-                &format!("{p}.self_attn.v_proj"),
-                kv,
-                input_width,
-                bias,
-                device,
-            )?,
-            o_proj: linear_from(src, &format!("{p}.self_attn.o_proj"), h, q, bias, device)?,
-            q_norm: Some(norm_from(
-                src,
-                &format!("{p}.self_attn.q_norm.weight"),
-                d,
-                eps,
-                device,
-            )?),
-            k_norm: Some(norm_from(
-                src,
-                &format!("{p}.self_attn.k_norm.weight"),
-                d,
-                eps,
-                device,
-            )?),
-            num_heads: c.num_attention_heads,
-            num_kv_heads: c.num_key_value_heads,
-            head_dim: d,
-        },
+        self_attn: attention_from(src, p, config, input_width, device)?,
         post_attention_layernorm: norm_from(
             src,
             &format!("{p}.post_attention_layernorm.weight"),
@@ -253,32 +207,7 @@ fn decoder_layer<B: Backend>(
             eps,
             device,
         )?,
-        mlp: Mlp {
-            gate_proj: linear_from(
-                src,
-                &format!("{p}.mlp.gate_proj"),
-                c.intermediate_size,
-                h,
-                false,
-                device,
-            )?,
-            up_proj: linear_from(
-                src,
-                &format!("{p}.mlp.up_proj"),
-                c.intermediate_size,
-                h,
-                false,
-                device,
-            )?,
-            down_proj: linear_from(
-                src,
-                &format!("{p}.mlp.down_proj"),
-                h,
-                c.intermediate_size,
-                false,
-                device,
-            )?,
-        },
+        mlp: mlp_from(src, p, config, device)?,
     })
 }
 

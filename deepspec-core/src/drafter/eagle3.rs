@@ -3,7 +3,7 @@
 //! then the layer's own previous output) — unrolled for `ttt_length` steps in training.
 
 use super::config::DrafterConfig;
-use super::{frozen, linear_from, norm_from};
+use super::{attention_from, frozen, linear_from, mlp_from, norm_from};
 use crate::io::WeightSource;
 use crate::model::attention::{attention, SelfAttention};
 use crate::model::embedding::Embedding;
@@ -61,9 +61,7 @@ impl<B: Backend> Eagle3Model<B> {
         device: &B::Device,
     ) -> Result<Self, LoadError> {
         let c = &config.base;
-        let (h, d, eps) = (c.hidden_size, c.head_dim, c.rms_norm_eps);
-        let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
-        let bias = c.attention_bias;
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         let p = "layers.0";
         let layer = Eagle3Layer {
             hidden_norm: norm_from(src, &format!("{p}.hidden_norm.weight"), h, eps, device)?,
@@ -74,50 +72,7 @@ impl<B: Backend> Eagle3Model<B> {
                 eps,
                 device,
             )?,
-            self_attn: SelfAttention {
-                q_proj: linear_from(
-                    src,
-                    &format!("{p}.self_attn.q_proj"),
-                    q,
-                    2 * h,
-                    bias,
-                    device,
-                )?,
-                k_proj: linear_from(
-                    src,
-                    &format!("{p}.self_attn.k_proj"),
-                    kv,
-                    2 * h,
-                    bias,
-                    device,
-                )?,
-                v_proj: linear_from(
-                    src,
-                    &format!("{p}.self_attn.v_proj"),
-                    kv,
-                    2 * h,
-                    bias,
-                    device,
-                )?,
-                o_proj: linear_from(src, &format!("{p}.self_attn.o_proj"), h, q, bias, device)?,
-                q_norm: Some(norm_from(
-                    src,
-                    &format!("{p}.self_attn.q_norm.weight"),
-                    d,
-                    eps,
-                    device,
-                )?),
-                k_norm: Some(norm_from(
-                    src,
-                    &format!("{p}.self_attn.k_norm.weight"),
-                    d,
-                    eps,
-                    device,
-                )?),
-                num_heads: c.num_attention_heads,
-                num_kv_heads: c.num_key_value_heads,
-                head_dim: d,
-            },
+            self_attn: attention_from(src, p, config, 2 * h, device)?,
             post_attention_layernorm: norm_from(
                 src,
                 &format!("{p}.post_attention_layernorm.weight"),
@@ -125,32 +80,7 @@ impl<B: Backend> Eagle3Model<B> {
                 eps,
                 device,
             )?,
-            mlp: Mlp {
-                gate_proj: linear_from(
-                    src,
-                    &format!("{p}.mlp.gate_proj"),
-                    c.intermediate_size,
-                    h,
-                    false,
-                    device,
-                )?,
-                up_proj: linear_from(
-                    src,
-                    &format!("{p}.mlp.up_proj"),
-                    c.intermediate_size,
-                    h,
-                    false,
-                    device,
-                )?,
-                down_proj: linear_from(
-                    src,
-                    &format!("{p}.mlp.down_proj"),
-                    h,
-                    c.intermediate_size,
-                    false,
-                    device,
-                )?,
-            },
+            mlp: mlp_from(src, p, config, device)?,
         };
         Ok(Eagle3Model {
             embed_tokens: Embedding::new(frozen(param_from_host(

@@ -15,9 +15,9 @@ pub use eagle3::Eagle3Model;
 
 use crate::io::safetensors::{write_tensors, Dtype, NamedTensor, SafetensorsCheckpoint};
 use crate::io::{HostTensor, WeightSource};
-use crate::model::linear::Linear;
-use crate::model::norm::RmsNorm;
-use crate::model::{param_from_host, to_host};
+use crate::model::attention::SelfAttention;
+use crate::model::mlp::Mlp;
+use crate::model::to_host;
 use crate::LoadError;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{backend::Backend, Tensor};
@@ -31,37 +31,60 @@ pub(crate) fn frozen<B: Backend, const D: usize>(
     param.set_require_grad(false)
 }
 
-pub(crate) fn linear_from<B: Backend>(
+pub(crate) use crate::model::load::{linear as linear_from, rms_norm as norm_from};
+
+/// A drafter layer's attention (`<p>.self_attn.*`, with Qwen3's q/k norms) reading
+/// `input_width` features.
+pub(crate) fn attention_from<B: Backend>(
     src: &dyn WeightSource,
-    prefix: &str,
-    out_features: usize,
-    in_features: usize,
-    bias: bool,
+    p: &str,
+    config: &DrafterConfig,
+    input_width: usize,
     device: &B::Device,
-) -> Result<Linear<B>, LoadError> {
-    let weight = src.tensor_shaped(&format!("{prefix}.weight"), &[out_features, in_features])?;
-    let bias = if bias {
-        Some(param_from_host(
-            src.tensor_shaped(&format!("{prefix}.bias"), &[out_features])?,
+) -> Result<SelfAttention<B>, LoadError> {
+    let c = &config.base;
+    let (h, d, eps) = (c.hidden_size, c.head_dim, c.rms_norm_eps);
+    let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+    let bias = c.attention_bias;
+    let a = format!("{p}.self_attn");
+    Ok(SelfAttention {
+        q_proj: linear_from(src, &format!("{a}.q_proj"), q, input_width, bias, device)?,
+        k_proj: linear_from(src, &format!("{a}.k_proj"), kv, input_width, bias, device)?,
+        v_proj: linear_from(src, &format!("{a}.v_proj"), kv, input_width, bias, device)?,
+        o_proj: linear_from(src, &format!("{a}.o_proj"), h, q, bias, device)?,
+        q_norm: Some(norm_from(
+            src,
+            &format!("{a}.q_norm.weight"),
+            d,
+            eps,
             device,
-        ))
-    } else {
-        None
-    };
-    Ok(Linear::new(param_from_host(weight, device), bias))
+        )?),
+        k_norm: Some(norm_from(
+            src,
+            &format!("{a}.k_norm.weight"),
+            d,
+            eps,
+            device,
+        )?),
+        num_heads: c.num_attention_heads,
+        num_kv_heads: c.num_key_value_heads,
+        head_dim: d,
+    })
 }
 
-pub(crate) fn norm_from<B: Backend>(
+/// A drafter layer's SwiGLU MLP (`<p>.mlp.*`).
+pub(crate) fn mlp_from<B: Backend>(
     src: &dyn WeightSource,
-    name: &str,
-    dim: usize,
-    eps: f64,
+    p: &str,
+    config: &DrafterConfig,
     device: &B::Device,
-) -> Result<RmsNorm<B>, LoadError> {
-    Ok(RmsNorm::new(
-        param_from_host(src.tensor_shaped(name, &[dim])?, device),
-        eps,
-    ))
+) -> Result<Mlp<B>, LoadError> {
+    let (h, i) = (config.base.hidden_size, config.base.intermediate_size);
+    Ok(Mlp {
+        gate_proj: linear_from(src, &format!("{p}.mlp.gate_proj"), i, h, false, device)?,
+        up_proj: linear_from(src, &format!("{p}.mlp.up_proj"), i, h, false, device)?,
+        down_proj: linear_from(src, &format!("{p}.mlp.down_proj"), h, i, false, device)?,
+    })
 }
 
 /// A loaded drafter of either family.

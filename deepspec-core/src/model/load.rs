@@ -66,7 +66,7 @@ pub fn load_target<B: Backend>(
     })
 }
 
-fn linear<B: Backend>(
+pub(crate) fn linear<B: Backend>(
     src: &dyn WeightSource,
     prefix: &str,
     out_features: usize,
@@ -86,7 +86,7 @@ fn linear<B: Backend>(
     Ok(Linear::new(param_from_host(weight, device), bias))
 }
 
-fn rms_norm<B: Backend>(
+pub(crate) fn rms_norm<B: Backend>(
     src: &dyn WeightSource,
     name: &str,
     dim: usize,
