@@ -34,6 +34,10 @@ fn eval(dir: &Path, algo: &str, extra: &[&str]) -> Output {
     let golden = golden_dir();
     let sets = datasets(dir);
     let report = dir.join(format!("{algo}.json"));
+    let temperature = extra
+        .iter()
+        .position(|a| *a == "--temperature")
+        .map_or("0", |i| extra[i + 1]);
     let mut args = vec![
         "eval",
         "--target",
@@ -47,14 +51,21 @@ fn eval(dir: &Path, algo: &str, extra: &[&str]) -> Output {
         "--max-new-tokens",
         "24",
         "--temperature",
-        "0",
+        temperature,
         "--report",
         report.to_str().unwrap(),
     ]
     .into_iter()
     .map(String::from)
     .collect::<Vec<_>>();
-    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut rest = extra.iter();
+    while let Some(a) = rest.next() {
+        if *a == "--temperature" {
+            rest.next();
+        } else {
+            args.push(a.to_string());
+        }
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     deepspec(&args)
 }
@@ -99,6 +110,42 @@ fn report_schema_plots_and_missing_sets() {
         table.contains("| gsm8k |") && table.contains("**macro**"),
         "{table}"
     );
+}
+
+/// Prompts decoded together (rows of different lengths, a multi-turn set fed back turn by
+/// turn) give the report they give one at a time, greedy and sampled alike: every prompt draws
+/// from its own generator.
+#[test]
+fn batch_size_changes_speed_not_results() {
+    for temperature in ["0", "1"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut reports = Vec::new();
+        for batch in ["1", "3"] {
+            let out = eval(
+                dir.path(),
+                "dspark",
+                &["--batch-size", batch, "--temperature", temperature],
+            );
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let report: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.path().join("dspark.json")).unwrap(),
+            )
+            .unwrap();
+            reports.push(report);
+        }
+        for set in ["gsm8k", "mt-bench"] {
+            for key in ["tau", "rounds", "tokens", "conditional_acceptance"] {
+                assert_eq!(
+                    reports[0]["sets"][set][key], reports[1]["sets"][set][key],
+                    "T={temperature} {set}.{key}: batch 3 differs from batch 1"
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -10,3 +10,37 @@ pub type CudaF32 = burn::backend::Cuda<f32>;
 /// CUDA backend, bf16 compute.
 #[cfg(feature = "cuda")]
 pub type CudaBf16 = burn::backend::Cuda<half::bf16>;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{get_device_settings, set_default_dtypes, FloatDType, IntDType};
+
+/// The float dtype a recipe's `train.precision` asks for (`bf16`, `fp16` or `fp32`).
+pub fn precision_dtype(precision: &str) -> anyhow::Result<FloatDType> {
+    match precision {
+        "bf16" => Ok(FloatDType::BF16),
+        "fp16" => Ok(FloatDType::F16),
+        "fp32" => Ok(FloatDType::F32),
+        other => anyhow::bail!("precision `{other}` is not one of bf16, fp16, fp32"),
+    }
+}
+
+/// Makes `dtype` the dtype of every float tensor created on `device` from now on (weights as
+/// they load, activations, inputs read from the cache). Must run before the first tensor on
+/// the device exists; asking again for the dtype already in force is fine.
+pub fn set_compute_dtype<B: Backend>(device: &B::Device, dtype: FloatDType) -> anyhow::Result<()> {
+    // Reading the settings would fix them, so try to set them first.
+    let int_dtype: IntDType = <B::IntElem as burn::tensor::Element>::dtype().into();
+    match set_default_dtypes::<B>(device, dtype, int_dtype) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let current = get_device_settings::<B>(device).float_dtype;
+            if current == dtype {
+                Ok(())
+            } else {
+                anyhow::bail!(
+                    "cannot compute in {dtype:?} on {device:?}: {e} (it already computes in {current:?})"
+                )
+            }
+        }
+    }
+}

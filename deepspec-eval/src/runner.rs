@@ -2,14 +2,14 @@
 //! back for multi-turn sets, and collects traces and statistics.
 
 use crate::datasets::Dataset;
-use crate::engine::{decode, DecodeParams, DecodeTrace};
+use crate::engine::{decode_batch, DecodeParams, DecodeTrace};
 use crate::metrics::AcceptanceStats;
 use crate::proposer::{DSparkProposer, Eagle3Proposer, Proposer};
 use burn::tensor::backend::Backend;
 use deepspec_core::drafter::{Drafter, DrafterConfig};
 use deepspec_core::io::chat::{ChatTemplate, Message};
 use deepspec_core::model::LoadedTarget;
-use deepspec_core::sampling::Rng;
+use deepspec_core::sampling::{Rng, Sampler};
 use indicatif::ProgressBar;
 use std::time::Instant;
 
@@ -40,6 +40,10 @@ pub fn proposer<'m, B: Backend>(
     }
 }
 
+/// Decodes every sample of `dataset`, `batch_size` samples at a time: turn `t` of every
+/// sample in a batch that has one decodes together, then each answer is fed back before turn
+/// `t + 1`. Sample `i` draws from its own generator (`seed`, `i`), so the batch size changes
+/// speed, not results.
 #[allow(clippy::too_many_arguments)]
 pub fn run_set<B: Backend>(
     target: &LoadedTarget<B>,
@@ -49,6 +53,7 @@ pub fn run_set<B: Backend>(
     dataset: &Dataset,
     params: &DecodeParams,
     seed: u64,
+    batch_size: usize,
     progress: &ProgressBar,
 ) -> anyhow::Result<SetRun> {
     let started = Instant::now();
@@ -58,20 +63,46 @@ pub fn run_set<B: Backend>(
         wall_seconds: 0.0,
         generated: 0,
     };
-    for (index, sample) in dataset.samples.iter().enumerate() {
-        let mut messages: Vec<Message> = Vec::new();
-        let mut rng = Rng::for_item(seed, index as u64);
-        for turn in &sample.turns {
-            messages.push(Message::new("user", turn));
-            let text = template.render(&messages, true, Some(false))?;
-            let prompt = target.tokenizer.encode(&text)?;
-            let mut proposer = proposer(drafter, config);
-            let trace = decode(target, proposer.as_mut(), &prompt, params, &mut rng);
-            let answer_ids = &trace.output_ids[trace.prompt_len..];
-            run.generated += answer_ids.len();
-            progress.inc(answer_ids.len() as u64);
-            let answer = target.tokenizer.decode(answer_ids, true)?;
-            messages.push(Message::new("assistant", &answer));
+    let indexed: Vec<(usize, &_)> = dataset.samples.iter().enumerate().collect();
+    for chunk in indexed.chunks(batch_size.max(1)) {
+        let mut rngs: Vec<Rng> = chunk
+            .iter()
+            .map(|(i, _)| Rng::for_item(seed, *i as u64))
+            .collect();
+        let mut messages: Vec<Vec<Message>> = vec![Vec::new(); chunk.len()];
+        let mut traces: Vec<Vec<DecodeTrace>> = vec![Vec::new(); chunk.len()];
+        let turns = chunk.iter().map(|(_, s)| s.turns.len()).max().unwrap_or(0);
+        for turn in 0..turns {
+            let rows: Vec<usize> = (0..chunk.len())
+                .filter(|&r| turn < chunk[r].1.turns.len())
+                .collect();
+            let mut prompts = Vec::with_capacity(rows.len());
+            for &r in &rows {
+                messages[r].push(Message::new("user", &chunk[r].1.turns[turn]));
+                let text = template.render(&messages[r], true, Some(false))?;
+                prompts.push(target.tokenizer.encode(&text)?);
+            }
+            let mut boxed: Vec<Box<dyn Proposer<B> + '_>> =
+                rows.iter().map(|_| proposer(drafter, config)).collect();
+            let mut proposers: Vec<&mut dyn Proposer<B>> =
+                boxed.iter_mut().map(|p| p.as_mut() as _).collect();
+            let mut samplers: Vec<&mut dyn Sampler> = rngs
+                .iter_mut()
+                .enumerate()
+                .filter(|(r, _)| rows.contains(r))
+                .map(|(_, g)| g as &mut dyn Sampler)
+                .collect();
+            let decoded = decode_batch(target, &mut proposers, &prompts, params, &mut samplers);
+            for (&r, trace) in rows.iter().zip(decoded) {
+                let answer_ids = &trace.output_ids[trace.prompt_len..];
+                run.generated += answer_ids.len();
+                progress.inc(answer_ids.len() as u64);
+                let answer = target.tokenizer.decode(answer_ids, true)?;
+                messages[r].push(Message::new("assistant", &answer));
+                traces[r].push(trace);
+            }
+        }
+        for trace in traces.into_iter().flatten() {
             run.stats.add(&trace);
             run.traces.push(trace);
         }

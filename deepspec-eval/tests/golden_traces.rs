@@ -6,7 +6,7 @@ use deepspec_core::drafter::Drafter;
 use deepspec_core::fixtures::golden_dir;
 use deepspec_core::model::{load_target, LoadedTarget};
 use deepspec_core::sampling::{Rng, Sampler};
-use deepspec_eval::engine::{decode, DecodeParams, DecodeTrace};
+use deepspec_eval::engine::{decode, decode_batch, DecodeParams, DecodeTrace};
 use deepspec_eval::proposer::{DSparkProposer, Eagle3Proposer, Proposer};
 use serde_json::Value;
 use std::collections::VecDeque;
@@ -49,15 +49,8 @@ impl Sampler for Replay {
     }
 }
 
-fn run_decode(
-    target: &LoadedTarget<B>,
-    drafter: &Drafter<B>,
-    config: &deepspec_core::drafter::DrafterConfig,
-    run: &Value,
-    prompt: &Value,
-    sampler: &mut dyn Sampler,
-) -> DecodeTrace {
-    let params = DecodeParams {
+fn decode_params(run: &Value, config: &deepspec_core::drafter::DrafterConfig) -> DecodeParams {
+    DecodeParams {
         max_new_tokens: run["max_new_tokens"].as_u64().unwrap() as usize,
         temperature: run["temperature"].as_f64().unwrap() as f32,
         confidence_threshold: run["confidence_threshold"].as_f64().unwrap_or(0.0),
@@ -70,9 +63,15 @@ fn run_decode(
             .iter()
             .map(|&l| l as usize)
             .collect(),
-    };
+    }
+}
+
+fn new_proposer<'m>(
+    drafter: &'m Drafter<B>,
+    config: &deepspec_core::drafter::DrafterConfig,
+) -> Box<dyn Proposer<B> + 'm> {
     let rope = config.base.rope();
-    let mut proposer: Box<dyn Proposer<B>> = match drafter {
+    match drafter {
         Drafter::DSpark(m) => Box::new(DSparkProposer::new(
             m,
             rope,
@@ -80,15 +79,46 @@ fn run_decode(
             config.mask_token_id.unwrap(),
         )),
         Drafter::Eagle3(m) => Box::new(Eagle3Proposer::new(m, rope, config.block_size)),
-    };
+    }
+}
 
+fn run_decode(
+    target: &LoadedTarget<B>,
+    drafter: &Drafter<B>,
+    config: &deepspec_core::drafter::DrafterConfig,
+    run: &Value,
+    prompt: &Value,
+    sampler: &mut dyn Sampler,
+) -> DecodeTrace {
+    let mut proposer = new_proposer(drafter, config);
     decode(
         target,
         proposer.as_mut(),
         &ids(&prompt["prompt_ids"]),
-        &params,
+        &decode_params(run, config),
         sampler,
     )
+}
+
+/// The draws a recorded run made, in order: the first token, then per round the drafts, the
+/// next token and the acceptance uniforms.
+fn replay_of(prompt: &Value) -> Replay {
+    let prompt_len = prompt["prompt_ids"].as_array().unwrap().len();
+    let output = ids(&prompt["output_ids"]);
+    let mut tokens = VecDeque::from([output[prompt_len]]);
+    let mut uniforms = VecDeque::new();
+    for r in prompt["rounds"].as_array().unwrap() {
+        tokens.extend(ids(&r["verify_input_ids"])[1..].iter().copied());
+        tokens.push_back(r["next_token"].as_u64().unwrap() as u32);
+        uniforms.extend(
+            r["u"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|u| u.as_f64().unwrap()),
+        );
+    }
+    Replay { tokens, uniforms }
 }
 
 fn check_greedy_runs(algo: &str) {
@@ -169,22 +199,8 @@ fn check_temperature_replay(algo: &str) {
     let run = &traces["temp1"];
     let mut worst = 0.0f64;
     for prompt in run["prompts"].as_array().unwrap() {
-        let prompt_len = prompt["prompt_ids"].as_array().unwrap().len();
         let output = ids(&prompt["output_ids"]);
-        let mut tokens = VecDeque::from([output[prompt_len]]);
-        let mut uniforms = VecDeque::new();
-        for r in prompt["rounds"].as_array().unwrap() {
-            tokens.extend(ids(&r["verify_input_ids"])[1..].iter().copied());
-            tokens.push_back(r["next_token"].as_u64().unwrap() as u32);
-            uniforms.extend(
-                r["u"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|u| u.as_f64().unwrap()),
-            );
-        }
-        let mut replay = Replay { tokens, uniforms };
+        let mut replay = replay_of(prompt);
         let trace = run_decode(&target, &drafter, &config, run, prompt, &mut replay);
         let recorded = prompt["rounds"].as_array().unwrap();
         assert_eq!(
@@ -213,6 +229,95 @@ fn check_temperature_replay(algo: &str) {
         assert_eq!(trace.output_ids, output, "{algo} temp1: output ids");
     }
     eprintln!("{algo} temp1: worst relative difference of p/q {worst:.2e}");
+}
+
+/// Every recorded run with all its prompts (of different lengths) decoded as one batch: each
+/// row reproduces its recorded trace as it does alone.
+fn check_batched(algo: &str) {
+    let golden = golden_dir();
+    let target = load_target::<B>(&golden.join("target"), &Default::default()).unwrap();
+    let (drafter, config) = Drafter::<B>::load(&golden.join(algo), &Default::default()).unwrap();
+    let traces: Value = serde_json::from_str(
+        &std::fs::read_to_string(golden.join(algo).join("eval_traces.json")).unwrap(),
+    )
+    .unwrap();
+    for (name, run) in traces.as_object().unwrap() {
+        let prompts = run["prompts"].as_array().unwrap();
+        let lens: Vec<usize> = prompts
+            .iter()
+            .map(|p| p["prompt_ids"].as_array().unwrap().len())
+            .collect();
+        assert!(
+            lens.windows(2).any(|w| w[0] != w[1]),
+            "{algo}/{name}: the batch should mix prompt lengths"
+        );
+        let greedy = run["temperature"].as_f64().unwrap() == 0.0;
+        let mut samplers: Vec<Box<dyn Sampler>> = prompts
+            .iter()
+            .map(|p| -> Box<dyn Sampler> {
+                if greedy {
+                    Box::new(Rng::new(p["seed"].as_u64().unwrap()))
+                } else {
+                    Box::new(replay_of(p))
+                }
+            })
+            .collect();
+        let mut boxed: Vec<_> = prompts
+            .iter()
+            .map(|_| new_proposer(&drafter, &config))
+            .collect();
+        let mut proposers: Vec<&mut dyn Proposer<B>> =
+            boxed.iter_mut().map(|p| p.as_mut() as _).collect();
+        let mut sampler_refs: Vec<&mut dyn Sampler> =
+            samplers.iter_mut().map(|s| s.as_mut() as _).collect();
+        let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| ids(&p["prompt_ids"])).collect();
+        let decoded = decode_batch(
+            &target,
+            &mut proposers,
+            &prompt_ids,
+            &decode_params(run, &config),
+            &mut sampler_refs,
+        );
+        for (i, (trace, prompt)) in decoded.iter().zip(prompts).enumerate() {
+            assert_eq!(
+                trace.output_ids,
+                ids(&prompt["output_ids"]),
+                "{algo}/{name} row {i}: output ids"
+            );
+            assert_eq!(
+                trace.acceptance_lengths(),
+                usizes(&prompt["acceptance_lengths"]),
+                "{algo}/{name} row {i}: acceptance lengths"
+            );
+            let proposed: Vec<Vec<u32>> = trace
+                .rounds
+                .iter()
+                .map(|r| r.verify_input_ids.clone())
+                .collect();
+            let recorded: Vec<Vec<u32>> = prompt["rounds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| ids(&r["verify_input_ids"]))
+                .collect();
+            assert_eq!(proposed, recorded, "{algo}/{name} row {i}: proposals");
+        }
+    }
+}
+
+#[test]
+fn golden_dspark_trace_batched() {
+    check_batched("dspark");
+}
+
+#[test]
+fn golden_dflash_trace_batched() {
+    check_batched("dflash");
+}
+
+#[test]
+fn golden_eagle3_trace_batched() {
+    check_batched("eagle3");
 }
 
 #[test]

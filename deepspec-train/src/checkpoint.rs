@@ -7,7 +7,7 @@ use crate::optim::{AdamW, Moments};
 use anyhow::{bail, Context};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use deepspec_core::drafter::{named_params, Drafter, DrafterConfig};
 use deepspec_core::io::safetensors::{write_f32, NamedTensor, SafetensorsFile};
 use deepspec_core::sampling::Rng;
@@ -73,6 +73,9 @@ pub fn save<B: AutodiffBackend>(
         };
         tensors.push((format!("{name}.exp_avg"), vec![n], host(&m.exp_avg)));
         tensors.push((format!("{name}.exp_avg_sq"), vec![n], host(&m.exp_avg_sq)));
+        if let Some(master) = optim.masters.get(id) {
+            tensors.push((format!("{name}.master"), vec![n], host(master)));
+        }
     }
     let named: Vec<NamedTensor> = tensors
         .iter()
@@ -143,11 +146,16 @@ pub fn load<B: AutodiffBackend>(
         .and_then(|s| s.parse().ok())
         .context("optimizer.safetensors lacks its `adam_step` metadata")?;
     optim.moments.clear();
+    optim.masters.clear();
     for p in named_params(&drafter, true) {
+        // Optimizer state is f32 whatever the model computes in.
         let read = |suffix: &str| -> anyhow::Result<Tensor<B::InnerBackend, 1>> {
             let t = file.f32(&format!("{}.{suffix}", p.name))?;
             let n = t.data.len();
-            Ok(Tensor::from_data(TensorData::new(t.data, [n]), device))
+            Ok(Tensor::from_data(
+                TensorData::new(t.data, [n]),
+                (device, DType::F32),
+            ))
         };
         if file.info(&format!("{}.exp_avg", p.name)).is_none() {
             if optim.step > 0 {
@@ -162,6 +170,19 @@ pub fn load<B: AutodiffBackend>(
                 exp_avg_sq: read("exp_avg_sq")?,
             },
         );
+        // A model narrower than f32 resumes from its f32 masters, not from its rounded
+        // weights; a checkpoint written by an f32 run has none and needs none.
+        if file.info(&format!("{}.master", p.name)).is_some() {
+            optim.masters.insert(p.id, read("master")?);
+        } else if p.tensor.dtype() != DType::F32 && optim.step > 0 {
+            bail!(
+                "{}: `{}` is {:?} but the checkpoint has no f32 master for it \
+                 (written by an fp32 run?); resume with the precision it was trained in",
+                dir.display(),
+                p.name,
+                p.tensor.dtype()
+            );
+        }
     }
     Ok((drafter, config, state))
 }

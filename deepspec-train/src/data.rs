@@ -27,6 +27,31 @@ pub trait SampleSource: Sync {
     fn sample(&self, index: usize) -> anyhow::Result<Sample>;
 }
 
+/// The rows of an already padded batch as unpadded samples (a fixture, or a batch held in
+/// memory), e.g. the golden `inputs.safetensors`.
+impl SampleSource for TrainBatch {
+    fn len(&self) -> usize {
+        self.batch()
+    }
+    fn widths(&self) -> (usize, usize) {
+        (
+            self.target_hidden.shape[2],
+            self.target_last_hidden.shape[2],
+        )
+    }
+    fn sample(&self, i: usize) -> anyhow::Result<Sample> {
+        let (ctx, h) = self.widths();
+        let (len, n) = (self.seq_len(), self.lens[i]);
+        Ok(Sample {
+            input_ids: self.input_ids[i][..n].to_vec(),
+            loss_mask: self.loss_mask[i][..n].to_vec(),
+            target_hidden: self.target_hidden.data[i * len * ctx..(i * len + n) * ctx].to_vec(),
+            target_last_hidden: self.target_last_hidden.data[i * len * h..(i * len + n) * h]
+                .to_vec(),
+        })
+    }
+}
+
 /// Right-pads samples to the longest, truncated to `max_length`.
 pub fn collate(samples: &[Sample], widths: (usize, usize), max_length: usize) -> TrainBatch {
     let (ctx, hidden) = widths;

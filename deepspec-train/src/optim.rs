@@ -1,10 +1,17 @@
-//! AdamW on f32 parameters with clipping by the global gradient norm (DEEPSPEC-SPEC §5.8) —
-//! the reference clips all gradients together, not each tensor alone.
+//! AdamW with clipping by the global gradient norm (DEEPSPEC-SPEC §5.8) — the reference clips
+//! all gradients together, not each tensor alone.
+//!
+//! Mixed precision as the reference runs it: when the model's parameters are bf16 (or any
+//! dtype narrower than f32), the optimizer keeps an **f32 master copy** of each trainable
+//! parameter and f32 moments; gradients are read as f32, the step updates the master, and
+//! the parameter becomes the master rounded to its own dtype. Updates smaller than half a
+//! bf16 ulp therefore accumulate in the master instead of vanishing. With f32 parameters the
+//! parameter is its own master.
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{DType, FloatDType, Tensor};
 use std::collections::HashMap;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,7 +36,7 @@ impl Default for AdamWConfig {
     }
 }
 
-/// First and second moments of one parameter, flattened.
+/// First and second moments of one parameter, flattened, always f32.
 #[derive(Debug, Clone)]
 pub struct Moments<B: Backend> {
     pub exp_avg: Tensor<B, 1>,
@@ -42,6 +49,8 @@ pub struct AdamW<B: AutodiffBackend> {
     /// Optimizer steps taken so far.
     pub step: u64,
     pub moments: HashMap<ParamId, Moments<B::InnerBackend>>,
+    /// f32 master copies (flattened) of the parameters whose own dtype is narrower.
+    pub masters: HashMap<ParamId, Tensor<B::InnerBackend, 1>>,
 }
 
 /// What one optimizer step did.
@@ -62,6 +71,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for NormVisitor<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
             let sq = g
+                .cast(FloatDType::F32)
                 .powi_scalar(2)
                 .sum()
                 .into_data()
@@ -90,8 +100,12 @@ impl<B: AutodiffBackend> ModuleMapper<B> for StepMapper<'_, B> {
         let n: usize = shape.iter().product();
         let c = self.optim.config;
         let t = self.optim.step as i32;
-        let value: Tensor<B::InnerBackend, 1> = tensor.inner().reshape([n]);
-        let grad: Tensor<B::InnerBackend, 1> = grad.reshape([n]) * self.scale;
+        let dtype = tensor.dtype();
+        let value: Tensor<B::InnerBackend, 1> = match self.optim.masters.remove(&id) {
+            Some(master) => master,
+            None => tensor.inner().reshape([n]).cast(FloatDType::F32),
+        };
+        let grad: Tensor<B::InnerBackend, 1> = grad.reshape([n]).cast(FloatDType::F32) * self.scale;
         let value = if c.weight_decay > 0.0 {
             value.clone() - value * (self.lr * c.weight_decay)
         } else {
@@ -108,7 +122,13 @@ impl<B: AutodiffBackend> ModuleMapper<B> for StepMapper<'_, B> {
         let bias2 = 1.0 - c.beta2.powi(t);
         let denom = moments.exp_avg_sq.clone().sqrt() / bias2.sqrt() + c.eps;
         let value = value - moments.exp_avg.clone() / denom * (self.lr / bias1);
-        let updated = Tensor::<B, D>::from_inner(value.reshape(shape)).require_grad();
+        let param = if dtype == DType::F32 {
+            value
+        } else {
+            self.optim.masters.insert(id, value.clone());
+            value.cast(FloatDType::from(dtype))
+        };
+        let updated = Tensor::<B, D>::from_inner(param.reshape(shape)).require_grad();
         Param::from_mapped_value(id, updated, mapper)
     }
 }
@@ -119,6 +139,7 @@ impl<B: AutodiffBackend> AdamW<B> {
             config,
             step: 0,
             moments: HashMap::new(),
+            masters: HashMap::new(),
         }
     }
 

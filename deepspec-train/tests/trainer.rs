@@ -1,83 +1,13 @@
 //! The training loop on the golden batch: the loss falls, and a stopped run resumed from its
 //! checkpoint ends bit-identical to an uninterrupted one.
 
-use burn::backend::{Autodiff, Flex};
+mod common;
+
+use common::{run, settings, B};
 use deepspec_core::drafter::Drafter;
 use deepspec_core::fixtures::golden_dir;
 use deepspec_train::batch::TrainBatch;
-use deepspec_train::data::{Sample, SampleSource};
-use deepspec_train::loss::dspark::DSparkLossConfig;
-use deepspec_train::trainer::{train, TrainSettings};
-use std::path::Path;
-
-type B = Autodiff<Flex>;
-
-/// The two golden samples, unpadded, as a cache would hold them.
-struct GoldenSamples(TrainBatch);
-
-impl SampleSource for GoldenSamples {
-    fn len(&self) -> usize {
-        self.0.batch()
-    }
-    fn widths(&self) -> (usize, usize) {
-        (
-            self.0.target_hidden.shape[2],
-            self.0.target_last_hidden.shape[2],
-        )
-    }
-    fn sample(&self, i: usize) -> anyhow::Result<Sample> {
-        let (ctx, h) = self.widths();
-        let (len, n) = (self.0.seq_len(), self.0.lens[i]);
-        Ok(Sample {
-            input_ids: self.0.input_ids[i][..n].to_vec(),
-            loss_mask: self.0.loss_mask[i][..n].to_vec(),
-            target_hidden: self.0.target_hidden.data[i * len * ctx..(i * len + n) * ctx].to_vec(),
-            target_last_hidden: self.0.target_last_hidden.data[i * len * h..(i * len + n) * h]
-                .to_vec(),
-        })
-    }
-}
-
-fn settings(steps: usize) -> TrainSettings {
-    TrainSettings {
-        lr: 3e-3,
-        warmup_ratio: 0.04,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
-        local_batch_size: 1,
-        global_batch_size: 2,
-        num_train_epochs: 1,
-        max_train_steps: Some(steps),
-        logging_steps: 5,
-        checkpointing_steps: 4,
-        keep_last: 2,
-        seed: 42,
-        max_length: 4096,
-        dspark_loss: DSparkLossConfig {
-            ce_alpha: 0.1,
-            l1_alpha: 0.9,
-            confidence_alpha: 1.0,
-            decay_gamma: Some(4.0),
-        },
-        tensorboard_dir: None,
-        stop_after: None,
-        show_progress: false,
-    }
-}
-
-fn run(
-    algo: &str,
-    out: &Path,
-    settings: &TrainSettings,
-    resume: bool,
-) -> deepspec_train::trainer::TrainSummary {
-    let golden = golden_dir();
-    let data =
-        GoldenSamples(TrainBatch::from_safetensors(&golden.join("inputs.safetensors")).unwrap());
-    let device = Default::default();
-    let (drafter, config) = Drafter::<B>::load(&golden.join(algo), &device).unwrap();
-    train(drafter, config, &data, settings, out, resume, &device).unwrap()
-}
+use deepspec_train::trainer::train;
 
 #[test]
 fn loss_falls_for_every_algorithm() {
@@ -136,8 +66,7 @@ fn refuses_to_overwrite_a_run_without_resume() {
     let out = tempfile::tempdir().unwrap();
     run("dflash", out.path(), &settings(2), false);
     let golden = golden_dir();
-    let data =
-        GoldenSamples(TrainBatch::from_safetensors(&golden.join("inputs.safetensors")).unwrap());
+    let data = TrainBatch::from_safetensors(&golden.join("inputs.safetensors")).unwrap();
     let device = Default::default();
     let (drafter, config) = Drafter::<B>::load(&golden.join("dflash"), &device).unwrap();
     let err = train(

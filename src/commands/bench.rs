@@ -357,6 +357,9 @@ pub struct EvalBench {
     pub max_new_tokens: usize,
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
+    /// Also time speculative decoding with this many prompts per batch (1 = only batch 1).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
 }
@@ -368,7 +371,8 @@ impl OnBackend for EvalBench {
         use deepspec_core::drafter::Drafter;
         use deepspec_core::io::chat::{ChatTemplate, Message};
         use deepspec_core::sampling::Rng;
-        use deepspec_eval::engine::{decode, DecodeParams};
+        use deepspec_core::sampling::Sampler;
+        use deepspec_eval::engine::{decode, decode_batch, DecodeParams};
         use deepspec_eval::proposer::{NoDraft, Proposer};
         let recipe = deepspec_core::recipe::Recipe::load(&crate::commands::train::resolve_recipe(
             &self.recipe,
@@ -411,29 +415,36 @@ impl OnBackend for EvalBench {
             &params,
             &mut Rng::new(0),
         );
-        let run = |speculative: bool| -> (usize, usize, f64) {
+        let run = |speculative: bool, batch: usize| -> (usize, usize, f64) {
             let (mut tokens, mut rounds) = (0, 0);
             let start = Instant::now();
-            for (i, p) in prompts.iter().enumerate() {
-                let mut proposer: Box<dyn Proposer<B> + '_> = if speculative {
-                    deepspec_eval::runner::proposer(&drafter, &config)
-                } else {
-                    Box::new(NoDraft)
-                };
-                let trace = decode(
-                    &target,
-                    proposer.as_mut(),
-                    p,
-                    &params,
-                    &mut Rng::for_item(0, i as u64),
-                );
-                tokens += trace.output_ids.len() - trace.prompt_len;
-                rounds += trace.rounds.len();
+            for (c, chunk) in prompts.chunks(batch).enumerate() {
+                let mut boxed: Vec<Box<dyn Proposer<B> + '_>> = chunk
+                    .iter()
+                    .map(|_| -> Box<dyn Proposer<B> + '_> {
+                        if speculative {
+                            deepspec_eval::runner::proposer(&drafter, &config)
+                        } else {
+                            Box::new(NoDraft)
+                        }
+                    })
+                    .collect();
+                let mut proposers: Vec<&mut dyn Proposer<B>> =
+                    boxed.iter_mut().map(|p| p.as_mut() as _).collect();
+                let mut rngs: Vec<Rng> = (0..chunk.len())
+                    .map(|i| Rng::for_item(0, (c * batch + i) as u64))
+                    .collect();
+                let mut samplers: Vec<&mut dyn Sampler> =
+                    rngs.iter_mut().map(|r| r as &mut dyn Sampler).collect();
+                for trace in decode_batch(&target, &mut proposers, chunk, &params, &mut samplers) {
+                    tokens += trace.output_ids.len() - trace.prompt_len;
+                    rounds += trace.rounds.len();
+                }
             }
             (tokens, rounds, start.elapsed().as_secs_f64())
         };
-        let (base_tokens, _, base_time) = run(false);
-        let (spec_tokens, rounds, spec_time) = run(true);
+        let (base_tokens, _, base_time) = run(false, 1);
+        let (spec_tokens, rounds, spec_time) = run(true, 1);
         let base_rate = base_tokens as f64 / base_time;
         let spec_rate = spec_tokens as f64 / spec_time;
         let tau = (spec_tokens as f64 / rounds.max(1) as f64).max(0.0);
@@ -441,11 +452,21 @@ impl OnBackend for EvalBench {
         println!("target-only          {base_rate:.1} tokens/s ({base_tokens} tokens)");
         println!("speculative ({})  {spec_rate:.1} tokens/s ({spec_tokens} tokens, {rounds} rounds, about τ {tau:.2})", config.algorithm.name());
         println!("speed-up             {:.2}x", spec_rate / base_rate);
-        println!(
-            "{}",
-            serde_json::json!({"bench": "eval", "target_only_tokens_per_s": base_rate, "speculative_tokens_per_s": spec_rate,
-                               "speedup": spec_rate / base_rate, "rounds": rounds, "tokens": spec_tokens})
-        );
+        let mut json = serde_json::json!({"bench": "eval", "target_only_tokens_per_s": base_rate, "speculative_tokens_per_s": spec_rate,
+                               "speedup": spec_rate / base_rate, "rounds": rounds, "tokens": spec_tokens});
+        if self.batch_size > 1 {
+            let (batch_tokens, _, batch_time) = run(true, self.batch_size);
+            let batch_rate = batch_tokens as f64 / batch_time;
+            println!(
+                "speculative, batch {}  {batch_rate:.1} tokens/s ({batch_tokens} tokens): {:.2}x target-only, {:.2}x batch 1",
+                self.batch_size,
+                batch_rate / base_rate,
+                batch_rate / spec_rate
+            );
+            json["batch_size"] = self.batch_size.into();
+            json["speculative_batched_tokens_per_s"] = batch_rate.into();
+        }
+        println!("{json}");
         Ok(())
     }
 }

@@ -52,6 +52,10 @@ pub struct EvalArgs {
     /// [default: the recipe's eval.seed, else 980406]
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Prompts decoded together as one batch (rows of different lengths side by side).
+    /// Every prompt draws from its own seeded generator, so this changes speed, not results.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
     /// Write the JSON report here (schema: docs/eval-report.md).
     #[arg(long)]
     pub report: PathBuf,
@@ -171,7 +175,15 @@ impl OnBackend for EvalArgs {
             );
             progress.set_prefix(dataset.name.clone());
             let run = run_set(
-                &target, &drafter, &config, &template, &dataset, &params, seed, &progress,
+                &target,
+                &drafter,
+                &config,
+                &template,
+                &dataset,
+                &params,
+                seed,
+                self.batch_size,
+                &progress,
             )?;
             progress.finish_and_clear();
             eprintln!(

@@ -4,6 +4,7 @@ use crate::device::{dispatch, DeviceKind, OnBackend};
 use anyhow::{bail, Context};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
+use deepspec_core::backend::{precision_dtype, set_compute_dtype};
 use deepspec_core::cache::reader::CacheReader;
 use deepspec_core::drafter::init::{new_drafter, DrafterSpec};
 use deepspec_core::drafter::{Algorithm, MarkovKind};
@@ -35,6 +36,8 @@ pub struct TrainArgs {
     /// with --resume).
     #[arg(long, hide = true)]
     pub stop_after: Option<usize>,
+    /// Where to compute. The compute dtype is the recipe's `train.precision` on every device
+    /// (bf16 keeps f32 master weights and moments in the optimizer).
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
 }
@@ -158,6 +161,10 @@ impl OnBackend for TrainArgs {
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
         let recipe_path = resolve_recipe(&self.recipe);
         let recipe = Recipe::load_with(&recipe_path, &self.overrides)?;
+        // The recipe's precision is the compute dtype on whichever device runs it; the
+        // optimizer keeps f32 masters and moments for anything narrower.
+        set_compute_dtype::<B>(&device, precision_dtype(&recipe.train.precision)?)
+            .with_context(|| format!("{}: train.precision", recipe_path.display()))?;
         let cache_dir = match (&self.cache, &recipe.data.target_cache_path) {
             (Some(c), _) | (None, Some(c)) => c.clone(),
             (None, None) => bail!(
