@@ -9,6 +9,7 @@
 use burn::backend::Flex;
 use deepspec_core::drafter::{Drafter, DrafterConfig};
 use deepspec_core::fixtures::{smollm2, workspace_root};
+use deepspec_eval::datasets::{read_jsonl, Selection};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -36,15 +37,19 @@ fn datasets() -> PathBuf {
     workspace_root().join("../shared/eval-datasets")
 }
 
-/// The first prompts of each eval set, as the training prompt file.
+/// The eval subset (the first prompts of each set's reference selection, as `--limit`
+/// picks them), as the training prompt file.
 fn prompt_file(dir: &Path) -> PathBuf {
     let path = dir.join("prompts.jsonl");
     let mut lines = Vec::new();
     for set in SETS.split(',') {
-        let text = std::fs::read_to_string(datasets().join(format!("{set}.jsonl"))).unwrap();
-        for line in text.lines().take(PROMPTS_PER_SET) {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            lines.push(serde_json::json!({"turns": [v["turns"][0]]}).to_string());
+        let selection = Selection {
+            seed: 980_406,
+            limit: Some(PROMPTS_PER_SET),
+        };
+        let data = read_jsonl(set, &datasets().join(format!("{set}.jsonl")), selection).unwrap();
+        for sample in data.samples {
+            lines.push(serde_json::json!({"turns": [sample.turns[0]]}).to_string());
         }
     }
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();

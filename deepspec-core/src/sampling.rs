@@ -144,6 +144,100 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
     sample_weights(&probs, rng) as u32
 }
 
+/// CPython's `random.Random(seed)` (MT19937 with Python's integer seeding), as far as
+/// `shuffle` needs it: the reference picks its evaluation subsets with it (DEEPSPEC-SPEC
+/// Appendix B), so the same seed selects the same prompts here.
+pub struct PyRandom {
+    mt: [u32; 624],
+    index: usize,
+}
+
+impl PyRandom {
+    pub fn new(seed: u64) -> Self {
+        let mut key: Vec<u32> = Vec::new();
+        let mut s = seed;
+        while s > 0 {
+            key.push(s as u32);
+            s >>= 32;
+        }
+        if key.is_empty() {
+            key.push(0);
+        }
+        let mut mt = [0u32; 624];
+        mt[0] = 19_650_218;
+        for i in 1..624 {
+            mt[i] = 1_812_433_253u32
+                .wrapping_mul(mt[i - 1] ^ (mt[i - 1] >> 30))
+                .wrapping_add(i as u32);
+        }
+        let (mut i, mut j) = (1usize, 0usize);
+        for _ in 0..624.max(key.len()) {
+            mt[i] = (mt[i] ^ (mt[i - 1] ^ (mt[i - 1] >> 30)).wrapping_mul(1_664_525))
+                .wrapping_add(key[j])
+                .wrapping_add(j as u32);
+            i += 1;
+            j += 1;
+            if i >= 624 {
+                mt[0] = mt[623];
+                i = 1;
+            }
+            if j >= key.len() {
+                j = 0;
+            }
+        }
+        for _ in 0..623 {
+            mt[i] = (mt[i] ^ (mt[i - 1] ^ (mt[i - 1] >> 30)).wrapping_mul(1_566_083_941))
+                .wrapping_sub(i as u32);
+            i += 1;
+            if i >= 624 {
+                mt[0] = mt[623];
+                i = 1;
+            }
+        }
+        mt[0] = 0x8000_0000;
+        PyRandom { mt, index: 624 }
+    }
+
+    fn next_u32(&mut self) -> u32 {
+        if self.index >= 624 {
+            for k in 0..624 {
+                let y = (self.mt[k] & 0x8000_0000) | (self.mt[(k + 1) % 624] & 0x7fff_ffff);
+                let mut v = self.mt[(k + 397) % 624] ^ (y >> 1);
+                if y & 1 == 1 {
+                    v ^= 0x9908_B0DF;
+                }
+                self.mt[k] = v;
+            }
+            self.index = 0;
+        }
+        let mut y = self.mt[self.index];
+        self.index += 1;
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9D2C_5680;
+        y ^= (y << 15) & 0xEFC6_0000;
+        y ^ (y >> 18)
+    }
+
+    /// Uniform in `0..n` (`n < 2^32`), by rejection as CPython's `_randbelow`.
+    fn below(&mut self, n: usize) -> usize {
+        let k = usize::BITS - n.leading_zeros();
+        loop {
+            let r = (self.next_u32() >> (32 - k)) as usize;
+            if r < n {
+                return r;
+            }
+        }
+    }
+
+    /// `random.shuffle(items)`.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i + 1);
+            items.swap(i, j);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +280,20 @@ mod tests {
             .count();
         let freq = ones as f64 / 20000.0;
         assert!((freq - 0.75).abs() < 0.015, "frequency {freq}");
+    }
+
+    /// The check values of DEEPSPEC-SPEC Appendix B: CPython's shuffles with seed 980406.
+    #[test]
+    fn python_shuffle_matches_cpython() {
+        for (n, head) in [
+            (1319usize, [435usize, 902, 303, 1168, 403]),
+            (257, [94, 116, 115, 25, 150]),
+            (1055, [14, 570, 218, 658, 367]),
+            (750, [228, 712, 412, 332, 388]),
+        ] {
+            let mut rows: Vec<usize> = (0..n).collect();
+            PyRandom::new(980_406).shuffle(&mut rows);
+            assert_eq!(rows[..5], head, "shuffle of 0..{n}");
+        }
     }
 }

@@ -1,7 +1,11 @@
 //! Benchmark prompt sets: `{"turns": [...]}` JSONL files named after the nine sets of the
-//! reference's evaluation (DEEPSPEC-SPEC §7).
+//! reference's evaluation (DEEPSPEC-SPEC §7), subset as the reference does (§6.2): a file
+//! with more rows than its set's maximum is shuffled with CPython's `random.Random(seed)` and
+//! cut to the maximum, so the same seed (980406 by default) picks the reference's prompts in
+//! the reference's order; `--limit N` then keeps the first N of that selection.
 
 use anyhow::{bail, Context};
+use deepspec_core::sampling::PyRandom;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -25,6 +29,17 @@ pub const SETS: [(&str, Domain); 9] = [
     ("arena-hard-v2", Domain::Chat),
 ];
 
+/// The reference's maximum number of samples per set (§6.1).
+pub fn max_samples(name: &str) -> usize {
+    match name {
+        "aime25" => 30,
+        "humaneval" => 164,
+        "mbpp" => 256,
+        "mt-bench" => 80,
+        _ => 500,
+    }
+}
+
 pub fn domain_of(name: &str) -> Option<Domain> {
     SETS.iter().find(|(n, _)| *n == name).map(|&(_, d)| d)
 }
@@ -33,6 +48,9 @@ pub fn domain_of(name: &str) -> Option<Domain> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
     pub turns: Vec<String>,
+    /// 0-based row of the file (blank lines not counted), as the reference's Appendix A
+    /// lists its selections.
+    pub row: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -49,8 +67,16 @@ pub enum Lookup {
     Missing { name: String, expected: PathBuf },
 }
 
-/// Parses one JSONL file; a malformed line is an error naming the file and line.
-pub fn read_jsonl(name: &str, path: &Path, limit: Option<usize>) -> anyhow::Result<Dataset> {
+/// Which prompts of a set to decode: the reference's seeded subset, then the first `limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selection {
+    pub seed: u64,
+    pub limit: Option<usize>,
+}
+
+/// Parses one JSONL file (a malformed line is an error naming the file and line) and selects
+/// its prompts.
+pub fn read_jsonl(name: &str, path: &Path, selection: Selection) -> anyhow::Result<Dataset> {
     let domain =
         domain_of(name).with_context(|| format!("`{name}` is not one of the benchmark sets"))?;
     let text =
@@ -59,9 +85,6 @@ pub fn read_jsonl(name: &str, path: &Path, limit: Option<usize>) -> anyhow::Resu
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
-        }
-        if limit.is_some_and(|l| samples.len() >= l) {
-            break;
         }
         let value: serde_json::Value = serde_json::from_str(line)
             .with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
@@ -74,7 +97,10 @@ pub fn read_jsonl(name: &str, path: &Path, limit: Option<usize>) -> anyhow::Resu
             })
             .filter(|t| !t.is_empty());
         match turns {
-            Some(turns) => samples.push(Sample { turns }),
+            Some(turns) => samples.push(Sample {
+                turns,
+                row: samples.len(),
+            }),
             None => bail!(
                 "{}:{}: field `turns` must be a non-empty list of strings (one user message per turn)",
                 path.display(),
@@ -84,6 +110,14 @@ pub fn read_jsonl(name: &str, path: &Path, limit: Option<usize>) -> anyhow::Resu
     }
     if samples.is_empty() {
         bail!("{}: no prompts", path.display());
+    }
+    let max = max_samples(name);
+    if samples.len() > max {
+        PyRandom::new(selection.seed).shuffle(&mut samples);
+        samples.truncate(max);
+    }
+    if let Some(limit) = selection.limit {
+        samples.truncate(limit);
     }
     Ok(Dataset {
         name: name.to_string(),
@@ -97,7 +131,7 @@ pub fn read_jsonl(name: &str, path: &Path, limit: Option<usize>) -> anyhow::Resu
 pub fn load_sets(
     dir: &Path,
     names: &[String],
-    limit: Option<usize>,
+    selection: Selection,
 ) -> anyhow::Result<Vec<Lookup>> {
     let names: Vec<String> = if names.is_empty() {
         SETS.iter().map(|(n, _)| n.to_string()).collect()
@@ -114,7 +148,7 @@ pub fn load_sets(
         }
         let path = dir.join(format!("{name}.jsonl"));
         if path.exists() {
-            out.push(Lookup::Found(read_jsonl(&name, &path, limit)?));
+            out.push(Lookup::Found(read_jsonl(&name, &path, selection)?));
         } else {
             out.push(Lookup::Missing {
                 name,
@@ -135,19 +169,52 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("gsm8k.jsonl");
         std::fs::write(&path, "{\"turns\": [\"a\"]}\n{\"turns\": 3}\n").unwrap();
-        let err = read_jsonl("gsm8k", &path, None).unwrap_err().to_string();
+        let all = Selection {
+            seed: 980_406,
+            limit: None,
+        };
+        let err = read_jsonl("gsm8k", &path, all).unwrap_err().to_string();
         assert!(
             err.contains("gsm8k.jsonl:2") && err.contains("turns"),
             "{err}"
         );
         std::fs::write(&path, "{\"turns\": [\"a\"]}\nnot json\n").unwrap();
-        let err = format!("{:#}", read_jsonl("gsm8k", &path, None).unwrap_err());
+        let err = format!("{:#}", read_jsonl("gsm8k", &path, all).unwrap_err());
         assert!(
             err.contains("gsm8k.jsonl:2") && err.contains("not valid JSON"),
             "{err}"
         );
-        let sets = load_sets(&dir, &["alpaca".into()], None).unwrap();
+        let sets = load_sets(&dir, &["alpaca".into()], all).unwrap();
         assert!(matches!(&sets[0], Lookup::Missing { name, .. } if name == "alpaca"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file longer than its set's maximum is cut to the reference's seeded selection
+    /// (DEEPSPEC-SPEC Appendix A: mbpp keeps 256 of 257 rows, leaving out row 121), and
+    /// `limit` keeps the head of that selection.
+    #[test]
+    fn oversized_sets_take_the_reference_selection() {
+        let dir = std::env::temp_dir().join(format!("deepspec-sel-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mbpp.jsonl");
+        let lines: Vec<String> = (0..257)
+            .map(|i| format!("{{\"turns\": [\"prompt {i}\"]}}"))
+            .collect();
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let seed = 980_406;
+        let set = read_jsonl("mbpp", &path, Selection { seed, limit: None }).unwrap();
+        let rows: Vec<usize> = set.samples.iter().map(|s| s.row).collect();
+        assert_eq!(rows.len(), 256);
+        assert_eq!(rows[..5], [94, 116, 115, 25, 150]);
+        assert!(!rows.contains(&121));
+        assert_eq!(set.samples[0].turns, ["prompt 94"]);
+        let head = read_jsonl("mbpp", &path, Selection { seed, limit: Some(3) }).unwrap();
+        assert_eq!(head.samples, set.samples[..3]);
+        // humaneval's maximum is its whole file: file order.
+        let path = dir.join("humaneval.jsonl");
+        std::fs::write(&path, lines[..10].join("\n")).unwrap();
+        let set = read_jsonl("humaneval", &path, Selection { seed, limit: Some(4) }).unwrap();
+        assert_eq!(set.samples.iter().map(|s| s.row).collect::<Vec<_>>(), [0, 1, 2, 3]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -384,7 +384,10 @@ impl OnBackend for EvalBench {
         let set = deepspec_eval::datasets::read_jsonl(
             &self.set,
             &self.datasets.join(format!("{}.jsonl", self.set)),
-            Some(self.prompts),
+            deepspec_eval::datasets::Selection {
+                seed: 980_406,
+                limit: Some(self.prompts),
+            },
         )?;
         let params = DecodeParams {
             max_new_tokens: self.max_new_tokens,

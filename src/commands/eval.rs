@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use deepspec_core::drafter::Drafter;
 use deepspec_core::io::chat::ChatTemplate;
 use deepspec_core::model::load_target;
-use deepspec_eval::datasets::{load_sets, Domain, Lookup};
+use deepspec_eval::datasets::{load_sets, Domain, Lookup, Selection};
 use deepspec_eval::engine::{DecodeParams, DecodeTrace};
 use deepspec_eval::metrics::{
     calibrated, confidence_points, ece, fit_sts, reliability, roc_auc, sigmoid, threshold_sweep,
@@ -36,7 +36,9 @@ pub struct EvalArgs {
     /// Comma-separated sets (default: all nine).
     #[arg(long, value_delimiter = ',')]
     pub sets: Vec<String>,
-    /// At most this many prompts per set (file order).
+    /// At most this many prompts per set: the first of the reference's selection (sets longer
+    /// than their maximum are shuffled with the seed, as the reference does; others in file
+    /// order).
     #[arg(long)]
     pub limit: Option<usize>,
     /// 0 = greedy [default: the recipe's eval.temperature, else 1.0 as the reference].
@@ -125,7 +127,14 @@ impl OnBackend for EvalArgs {
         config.check_target(&target.config, &target_path)?;
         let template = ChatTemplate::for_tokenizer(&target.tokenizer)
             .context("compiling the chat template")?;
-        let sets = load_sets(&self.datasets, &self.sets, self.limit)?;
+        let sets = load_sets(
+            &self.datasets,
+            &self.sets,
+            Selection {
+                seed,
+                limit: self.limit,
+            },
+        )?;
         let params = DecodeParams {
             max_new_tokens,
             temperature,
