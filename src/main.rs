@@ -25,6 +25,9 @@ enum Command {
     /// Training caches: validate, stats, import a reference DeepSpec cache.
     #[command(subcommand)]
     Cache(commands::cache::CacheCommand),
+    /// Benchmark sets as prompt files (held-out rows for in-domain training).
+    #[command(subcommand)]
+    Datasets(commands::datasets::DatasetsCommand),
     /// Train an Eagle3, DFlash or DSpark drafter from a recipe on a prepared cache.
     Train(commands::train::TrainArgs),
     /// Measure accepted length with a verifying speculative-decoding loop on benchmark sets.
@@ -44,6 +47,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Prepare(args) => commands::prepare::run(args),
         Command::Cache(cmd) => commands::cache::run(cmd),
+        Command::Datasets(cmd) => commands::datasets::run(cmd),
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Recipe(cmd) => commands::train::run_recipe(cmd),

@@ -235,3 +235,65 @@ fn bad_inputs_are_clear() {
         "{e}"
     );
 }
+
+/// `datasets held-out` writes prompts the evaluation never decodes.
+#[test]
+fn held_out_prompts_are_disjoint_from_the_eval_selection() {
+    use deepspec_eval::datasets::{read_jsonl, Selection};
+    let dir = tempfile::tempdir().unwrap();
+    let sets = workspace_root().join("../shared/eval-datasets");
+    let file = dir.path().join("prompts.jsonl");
+    let out = deepspec(&[
+        "datasets",
+        "held-out",
+        "--datasets",
+        sets.to_str().unwrap(),
+        "--sets",
+        "gsm8k",
+        "--per-set",
+        "5",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let held: Vec<String> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["turns"][0].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(held.len(), 5);
+    let selection = Selection {
+        seed: 980_406,
+        limit: None,
+    };
+    let eval = read_jsonl("gsm8k", &sets.join("gsm8k.jsonl"), selection).unwrap();
+    assert_eq!(eval.samples.len(), 500);
+    for prompt in &held {
+        assert!(
+            eval.samples.iter().all(|s| &s.turns[0] != prompt),
+            "a held-out prompt is in the eval selection"
+        );
+    }
+    let out = deepspec(&[
+        "datasets",
+        "held-out",
+        "--datasets",
+        sets.to_str().unwrap(),
+        "--sets",
+        "humaneval",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("none is held out"),
+        "{stderr}"
+    );
+}

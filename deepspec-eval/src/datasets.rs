@@ -77,6 +77,45 @@ pub struct Selection {
 /// Parses one JSONL file (a malformed line is an error naming the file and line) and selects
 /// its prompts.
 pub fn read_jsonl(name: &str, path: &Path, selection: Selection) -> anyhow::Result<Dataset> {
+    let mut set = read_rows(name, path)?;
+    let max = max_samples(name);
+    if set.samples.len() > max {
+        PyRandom::new(selection.seed).shuffle(&mut set.samples);
+        set.samples.truncate(max);
+    }
+    if let Some(limit) = selection.limit {
+        set.samples.truncate(limit);
+    }
+    Ok(set)
+}
+
+/// The rows of a set that its evaluation never decodes (those past the set's maximum in the
+/// seeded shuffle), at most `limit`: in-domain prompts that are safe to train on.
+pub fn held_out(
+    name: &str,
+    path: &Path,
+    seed: u64,
+    limit: Option<usize>,
+) -> anyhow::Result<Dataset> {
+    let mut set = read_rows(name, path)?;
+    let max = max_samples(name);
+    if set.samples.len() <= max {
+        bail!(
+            "{}: the evaluation uses all {} rows of `{name}`, so none is held out (sets with spare rows: gsm8k, mbpp, livecodebench, alpaca, arena-hard-v2)",
+            path.display(),
+            set.samples.len()
+        );
+    }
+    PyRandom::new(seed).shuffle(&mut set.samples);
+    set.samples.drain(..max);
+    if let Some(limit) = limit {
+        set.samples.truncate(limit);
+    }
+    Ok(set)
+}
+
+/// Every row of a set's file, in file order.
+fn read_rows(name: &str, path: &Path) -> anyhow::Result<Dataset> {
     let domain =
         domain_of(name).with_context(|| format!("`{name}` is not one of the benchmark sets"))?;
     let text =
@@ -110,14 +149,6 @@ pub fn read_jsonl(name: &str, path: &Path, selection: Selection) -> anyhow::Resu
     }
     if samples.is_empty() {
         bail!("{}: no prompts", path.display());
-    }
-    let max = max_samples(name);
-    if samples.len() > max {
-        PyRandom::new(selection.seed).shuffle(&mut samples);
-        samples.truncate(max);
-    }
-    if let Some(limit) = selection.limit {
-        samples.truncate(limit);
     }
     Ok(Dataset {
         name: name.to_string(),
@@ -208,13 +239,41 @@ mod tests {
         assert_eq!(rows[..5], [94, 116, 115, 25, 150]);
         assert!(!rows.contains(&121));
         assert_eq!(set.samples[0].turns, ["prompt 94"]);
-        let head = read_jsonl("mbpp", &path, Selection { seed, limit: Some(3) }).unwrap();
+        let head = read_jsonl(
+            "mbpp",
+            &path,
+            Selection {
+                seed,
+                limit: Some(3),
+            },
+        )
+        .unwrap();
         assert_eq!(head.samples, set.samples[..3]);
+        let spare = held_out("mbpp", &path, seed, None).unwrap();
+        assert_eq!(
+            spare.samples.iter().map(|s| s.row).collect::<Vec<_>>(),
+            [121]
+        );
         // humaneval's maximum is its whole file: file order.
         let path = dir.join("humaneval.jsonl");
         std::fs::write(&path, lines[..10].join("\n")).unwrap();
-        let set = read_jsonl("humaneval", &path, Selection { seed, limit: Some(4) }).unwrap();
-        assert_eq!(set.samples.iter().map(|s| s.row).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        let set = read_jsonl(
+            "humaneval",
+            &path,
+            Selection {
+                seed,
+                limit: Some(4),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            set.samples.iter().map(|s| s.row).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+        let err = held_out("humaneval", &path, seed, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("none is held out"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod cache;
+pub mod datasets;
 pub mod eval;
 pub mod generate;
 pub mod prepare;
