@@ -70,6 +70,8 @@ pub fn acceptance_by_position(
             .build_cartesian_2d(0.5f64..slots as f64 + 0.5, 0f64..1f64)?;
         chart
             .configure_mesh()
+            .x_labels(slots)
+            .x_label_formatter(&|x| format!("{}", x.round() as i64))
             .x_desc("draft position")
             .y_desc("conditional acceptance")
             .draw()?;
