@@ -1,4 +1,8 @@
-//! The concrete backends the CLI may pick. Library code stays generic over `B: Backend`.
+//! The concrete backends the CLI may pick, and the compute dtype a recipe asks for. Library
+//! code stays generic over `B: Backend`.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{get_device_settings, set_default_dtypes, FloatDType, IntDType};
 
 /// CPU backend (burn-flex), f32. The default everywhere.
 pub type Cpu = burn::backend::Flex;
@@ -10,9 +14,6 @@ pub type CudaF32 = burn::backend::Cuda<f32>;
 /// CUDA backend, bf16 compute.
 #[cfg(feature = "cuda")]
 pub type CudaBf16 = burn::backend::Cuda<half::bf16>;
-
-use burn::tensor::backend::Backend;
-use burn::tensor::{get_device_settings, set_default_dtypes, FloatDType, IntDType};
 
 /// The float dtype a recipe's `train.precision` asks for (`bf16`, `fp16` or `fp32`).
 pub fn precision_dtype(precision: &str) -> anyhow::Result<FloatDType> {

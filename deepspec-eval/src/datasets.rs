@@ -78,11 +78,7 @@ pub struct Selection {
 /// its prompts.
 pub fn read_jsonl(name: &str, path: &Path, selection: Selection) -> anyhow::Result<Dataset> {
     let mut set = read_rows(name, path)?;
-    let max = max_samples(name);
-    if set.samples.len() > max {
-        PyRandom::new(selection.seed).shuffle(&mut set.samples);
-        set.samples.truncate(max);
-    }
+    split_off_unused(name, &mut set.samples, selection.seed);
     if let Some(limit) = selection.limit {
         set.samples.truncate(limit);
     }
@@ -98,20 +94,31 @@ pub fn held_out(
     limit: Option<usize>,
 ) -> anyhow::Result<Dataset> {
     let mut set = read_rows(name, path)?;
-    let max = max_samples(name);
-    if set.samples.len() <= max {
+    let rows = set.samples.len();
+    let mut spare = split_off_unused(name, &mut set.samples, seed);
+    if spare.is_empty() {
         bail!(
-            "{}: the evaluation uses all {} rows of `{name}`, so none is held out (sets with spare rows: gsm8k, mbpp, livecodebench, alpaca, arena-hard-v2)",
+            "{}: the evaluation uses all {rows} rows of `{name}`, so none is held out (sets with spare rows: gsm8k, mbpp, livecodebench, alpaca, arena-hard-v2)",
             path.display(),
-            set.samples.len()
         );
     }
-    PyRandom::new(seed).shuffle(&mut set.samples);
-    set.samples.drain(..max);
     if let Some(limit) = limit {
-        set.samples.truncate(limit);
+        spare.truncate(limit);
     }
+    set.samples = spare;
     Ok(set)
+}
+
+/// Cuts `samples` to the reference's selection (§6.2): when there are more than the set's
+/// maximum, shuffled with CPython's `random.Random(seed)` and cut to the maximum. Returns the
+/// rows cut off, in shuffled order (empty when the whole file is used).
+fn split_off_unused(name: &str, samples: &mut Vec<Sample>, seed: u64) -> Vec<Sample> {
+    let max = max_samples(name);
+    if samples.len() <= max {
+        return Vec::new();
+    }
+    PyRandom::new(seed).shuffle(samples);
+    samples.split_off(max)
 }
 
 /// Every row of a set's file, in file order.

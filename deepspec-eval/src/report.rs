@@ -4,6 +4,7 @@
 use crate::datasets::{Domain, SETS};
 use crate::metrics::{AcceptanceStats, SweepPoint};
 use anyhow::Context;
+use deepspec_core::cache::manifest::write_atomically;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -88,10 +89,8 @@ impl Report {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(self)? + "\n")
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+        let text = serde_json::to_string_pretty(self)? + "\n";
+        Ok(write_atomically(path, text.as_bytes())?)
     }
 
     /// The table printed after a run.

@@ -1,8 +1,7 @@
 //! `deepspec datasets`: the benchmark sets' rows as prompt files.
 
-use anyhow::Context;
+use deepspec_core::cache::manifest::write_atomically;
 use deepspec_eval::datasets::held_out;
-use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(clap::Subcommand)]
@@ -47,14 +46,8 @@ pub fn run(cmd: DatasetsCommand) -> anyhow::Result<()> {
                     lines.push(serde_json::json!({ "turns": sample.turns }).to_string());
                 }
             }
-            let tmp = out.with_extension("jsonl.tmp");
-            let mut file = std::fs::File::create(&tmp)
-                .with_context(|| format!("creating {}", tmp.display()))?;
-            for line in &lines {
-                writeln!(file, "{line}")?;
-            }
-            file.sync_all()?;
-            std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
+            let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+            write_atomically(&out, text.as_bytes())?;
             println!("{} prompts -> {}", lines.len(), out.display());
             Ok(())
         }
