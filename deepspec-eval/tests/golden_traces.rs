@@ -2,7 +2,7 @@
 //! exactly, temperature-1 runs replayed with the recorded draws.
 
 use burn::backend::Flex;
-use deepspec_core::drafter::Drafter;
+use deepspec_core::drafter::{Drafter, DrafterConfig};
 use deepspec_core::fixtures::golden_dir;
 use deepspec_core::model::{load_target, LoadedTarget};
 use deepspec_core::sampling::{Rng, Sampler};
@@ -49,7 +49,7 @@ impl Sampler for Replay {
     }
 }
 
-fn decode_params(run: &Value, config: &deepspec_core::drafter::DrafterConfig) -> DecodeParams {
+fn decode_params(run: &Value, config: &DrafterConfig) -> DecodeParams {
     DecodeParams {
         max_new_tokens: run["max_new_tokens"].as_u64().unwrap() as usize,
         temperature: run["temperature"].as_f64().unwrap() as f32,
@@ -66,10 +66,7 @@ fn decode_params(run: &Value, config: &deepspec_core::drafter::DrafterConfig) ->
     }
 }
 
-fn new_proposer<'m>(
-    drafter: &'m Drafter<B>,
-    config: &deepspec_core::drafter::DrafterConfig,
-) -> Box<dyn Proposer<B> + 'm> {
+fn new_proposer<'m>(drafter: &'m Drafter<B>, config: &DrafterConfig) -> Box<dyn Proposer<B> + 'm> {
     let rope = config.base.rope();
     match drafter {
         Drafter::DSpark(m) => Box::new(DSparkProposer::new(
@@ -85,7 +82,7 @@ fn new_proposer<'m>(
 fn run_decode(
     target: &LoadedTarget<B>,
     drafter: &Drafter<B>,
-    config: &deepspec_core::drafter::DrafterConfig,
+    config: &DrafterConfig,
     run: &Value,
     prompt: &Value,
     sampler: &mut dyn Sampler,
@@ -121,7 +118,8 @@ fn replay_of(prompt: &Value) -> Replay {
     Replay { tokens, uniforms }
 }
 
-fn check_greedy_runs(algo: &str) {
+/// The golden target, one algorithm's drafter and config, and its recorded traces.
+fn fixture(algo: &str) -> (LoadedTarget<B>, Drafter<B>, DrafterConfig, Value) {
     let golden = golden_dir();
     let target = load_target::<B>(&golden.join("target"), &Default::default()).unwrap();
     let (drafter, config) = Drafter::<B>::load(&golden.join(algo), &Default::default()).unwrap();
@@ -129,6 +127,11 @@ fn check_greedy_runs(algo: &str) {
         &std::fs::read_to_string(golden.join(algo).join("eval_traces.json")).unwrap(),
     )
     .unwrap();
+    (target, drafter, config, traces)
+}
+
+fn check_greedy_runs(algo: &str) {
+    let (target, drafter, config, traces) = fixture(algo);
     let mut runs = 0;
     for (name, run) in traces.as_object().unwrap() {
         if run["temperature"].as_f64().unwrap() != 0.0 {
@@ -189,13 +192,7 @@ fn check_greedy_runs(algo: &str) {
 }
 
 fn check_temperature_replay(algo: &str) {
-    let golden = golden_dir();
-    let target = load_target::<B>(&golden.join("target"), &Default::default()).unwrap();
-    let (drafter, config) = Drafter::<B>::load(&golden.join(algo), &Default::default()).unwrap();
-    let traces: Value = serde_json::from_str(
-        &std::fs::read_to_string(golden.join(algo).join("eval_traces.json")).unwrap(),
-    )
-    .unwrap();
+    let (target, drafter, config, traces) = fixture(algo);
     let run = &traces["temp1"];
     let mut worst = 0.0f64;
     for prompt in run["prompts"].as_array().unwrap() {
@@ -231,38 +228,29 @@ fn check_temperature_replay(algo: &str) {
     eprintln!("{algo} temp1: worst relative difference of p/q {worst:.2e}");
 }
 
-/// Every recorded run with all its prompts (of different lengths) decoded as one batch: each
-/// row reproduces its recorded trace as it does alone.
+/// Every recorded run with all its prompts decoded as one batch, plus the first prompt cut
+/// short by one token so that the batch mixes prompt lengths whatever the fixture holds:
+/// each recorded row reproduces its recorded trace, and every row (the extra one included)
+/// makes the same token decisions as it does alone.
 fn check_batched(algo: &str) {
-    let golden = golden_dir();
-    let target = load_target::<B>(&golden.join("target"), &Default::default()).unwrap();
-    let (drafter, config) = Drafter::<B>::load(&golden.join(algo), &Default::default()).unwrap();
-    let traces: Value = serde_json::from_str(
-        &std::fs::read_to_string(golden.join(algo).join("eval_traces.json")).unwrap(),
-    )
-    .unwrap();
+    let (target, drafter, config, traces) = fixture(algo);
     for (name, run) in traces.as_object().unwrap() {
+        let params = decode_params(run, &config);
         let prompts = run["prompts"].as_array().unwrap();
-        let lens: Vec<usize> = prompts
-            .iter()
-            .map(|p| p["prompt_ids"].as_array().unwrap().len())
-            .collect();
-        assert!(
-            lens.windows(2).any(|w| w[0] != w[1]),
-            "{algo}/{name}: the batch should mix prompt lengths"
-        );
+        let mut prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| ids(&p["prompt_ids"])).collect();
+        let shorter = prompt_ids[0][..prompt_ids[0].len() - 1].to_vec();
+        prompt_ids.push(shorter);
         let greedy = run["temperature"].as_f64().unwrap() == 0.0;
-        let mut samplers: Vec<Box<dyn Sampler>> = prompts
-            .iter()
-            .map(|p| -> Box<dyn Sampler> {
-                if greedy {
-                    Box::new(Rng::new(p["seed"].as_u64().unwrap()))
-                } else {
-                    Box::new(replay_of(p))
-                }
-            })
-            .collect();
-        let mut boxed: Vec<_> = prompts
+        // Row i draws as prompt i was recorded; the extra row from a seeded generator.
+        let sampler = |i: usize| -> Box<dyn Sampler> {
+            match prompts.get(i) {
+                Some(p) if greedy => Box::new(Rng::new(p["seed"].as_u64().unwrap())),
+                Some(p) => Box::new(replay_of(p)),
+                None => Box::new(Rng::new(7)),
+            }
+        };
+        let mut samplers: Vec<Box<dyn Sampler>> = (0..prompt_ids.len()).map(sampler).collect();
+        let mut boxed: Vec<_> = prompt_ids
             .iter()
             .map(|_| new_proposer(&drafter, &config))
             .collect();
@@ -270,15 +258,47 @@ fn check_batched(algo: &str) {
             boxed.iter_mut().map(|p| p.as_mut() as _).collect();
         let mut sampler_refs: Vec<&mut dyn Sampler> =
             samplers.iter_mut().map(|s| s.as_mut() as _).collect();
-        let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| ids(&p["prompt_ids"])).collect();
         let decoded = decode_batch(
             &target,
             &mut proposers,
             &prompt_ids,
-            &decode_params(run, &config),
+            &params,
             &mut sampler_refs,
         );
-        for (i, (trace, prompt)) in decoded.iter().zip(prompts).enumerate() {
+        for (i, trace) in decoded.iter().enumerate() {
+            let mut proposer = new_proposer(&drafter, &config);
+            let alone = decode(
+                &target,
+                proposer.as_mut(),
+                &prompt_ids[i],
+                &params,
+                sampler(i).as_mut(),
+            );
+            // Token decisions must agree exactly; probabilities may differ in the last bits
+            // (the batched matmuls block differently).
+            let decisions = |t: &DecodeTrace| {
+                let rounds: Vec<_> = t
+                    .rounds
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.start,
+                            r.verify_input_ids.clone(),
+                            r.accepted,
+                            r.next_token,
+                        )
+                    })
+                    .collect();
+                (t.output_ids.clone(), rounds)
+            };
+            assert_eq!(
+                decisions(trace),
+                decisions(&alone),
+                "{algo}/{name} row {i}: batched differs from alone"
+            );
+            let Some(prompt) = prompts.get(i) else {
+                continue;
+            };
             assert_eq!(
                 trace.output_ids,
                 ids(&prompt["output_ids"]),
