@@ -45,3 +45,29 @@ pub fn set_compute_dtype<B: Backend>(device: &B::Device, dtype: FloatDType) -> a
         }
     }
 }
+
+/// The process's peak resident memory so far (`VmHWM` in `/proc/self/status`), in bytes;
+/// `None` where the system does not report it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Device memory the backend's allocator holds on `device` (CUDA: bytes reserved, which
+/// its pools keep at their high-water mark); `None` on the CPU, where the process's RSS is
+/// the figure.
+pub fn device_memory_reserved_bytes<B: Backend>(device: &B::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        let any: &dyn std::any::Any = device;
+        if let Some(cuda) = any.downcast_ref::<burn::backend::cuda::CudaDevice>() {
+            use cubecl::Runtime;
+            let client = cubecl::cuda::CudaRuntime::client(cuda);
+            return client.memory_usage().ok().map(|u| u.bytes_reserved);
+        }
+    }
+    let _ = device;
+    None
+}

@@ -160,6 +160,9 @@ pub struct TrainSection {
     pub torch_compile: bool,
     /// Keep only the newest N `step_<n>` checkpoints (0 keeps all).
     pub keep_last: usize,
+    /// Tokens per LM-head chunk in the loss (unset: sized so one chunk's logits stay under
+    /// 256 MiB). Changes memory and speed, not the maths.
+    pub head_chunk_tokens: Option<usize>,
 }
 
 impl Default for TrainSection {
@@ -178,6 +181,7 @@ impl Default for TrainSection {
             sharding_strategy: "no_shard".into(),
             torch_compile: false,
             keep_last: 3,
+            head_chunk_tokens: None,
         }
     }
 }

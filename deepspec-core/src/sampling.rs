@@ -78,6 +78,19 @@ impl Default for SamplingParams {
     }
 }
 
+/// Below this temperature decoding is greedy (one-hot distributions for every model).
+pub const GREEDY_BELOW: f32 = 1e-5;
+
+/// Whether `temperature` means greedy decoding — the one greedy rule.
+pub fn is_greedy(temperature: f32) -> bool {
+    temperature < GREEDY_BELOW
+}
+
+/// The logistic function.
+pub fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
 pub fn argmax(values: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in values.iter().enumerate() {

@@ -81,10 +81,7 @@ pub fn confidence_points(trace: &DecodeTrace) -> Vec<ConfidencePoint> {
     }
     points
 }
-
-pub fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
-}
+pub use deepspec_core::sampling::sigmoid;
 
 /// Reliability bins: (mean confidence, accuracy, count) over `bins` equal-width bins.
 pub fn reliability(probs: &[(f64, bool)], bins: usize) -> Vec<(f64, f64, usize)> {

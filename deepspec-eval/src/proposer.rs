@@ -1,15 +1,16 @@
-//! Draft proposals at inference (DEEPSPEC-SPEC §6.5–6.6): DSpark/DFlash draft a block in one
-//! backbone pass and sample it left to right through the sequential head; Eagle3 drafts
-//! token by token with its one-layer cache.
+//! Draft proposals at inference (the reference's `dspark_generate` / `eagle3_generate`):
+//! thin callers of the drafters' own inference forwards. DSpark/DFlash draft a block in one
+//! backbone pass and pick it left to right through the sequential head; Eagle3 drafts token
+//! by token with its one-layer cache. What each slot's logits become — a greedy pick read
+//! back as one id, or a distribution to sample from — is decided here, in [`pick`].
 
 use crate::verify::probs;
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor};
 use deepspec_core::drafter::dspark::ContextCache;
 use deepspec_core::drafter::eagle3::Eagle3Cache;
-use deepspec_core::drafter::heads::markov::rnn_step;
 use deepspec_core::drafter::{DSparkModel, Eagle3Model};
 use deepspec_core::model::rope::Rope;
-use deepspec_core::sampling::Sampler;
+use deepspec_core::sampling::{is_greedy, sigmoid, Sampler};
 
 /// One round's proposal.
 #[derive(Debug, Clone, Default)]
@@ -48,35 +49,36 @@ pub trait Proposer<B: Backend> {
     fn update(&mut self, features: Tensor<B, 3>, committed: &[u32], start: usize);
 }
 
-fn top2_margin(logits: &[f32]) -> f32 {
-    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-    for &l in logits {
-        if l > a {
-            b = a;
-            a = l;
-        } else if l > b {
-            b = l;
-        }
-    }
-    a - b
-}
-
-fn host_rows<B: Backend>(t: Tensor<B, 2>) -> Vec<Vec<f32>> {
-    let [rows, cols] = t.dims();
-    let flat = t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
-    (0..rows)
-        .map(|r| flat[r * cols..(r + 1) * cols].to_vec())
-        .collect()
-}
-
-fn draw(logits: &[f32], temperature: f32, sampler: &mut dyn Sampler) -> (u32, Vec<f64>) {
-    let p = probs(logits, temperature);
-    let token = if temperature < crate::verify::GREEDY_BELOW {
-        deepspec_core::sampling::argmax(logits) as u32
+/// The token drawn from draft logits `[V]` on the device at `temperature`, its
+/// distribution (one-hot when greedy) and the top-1 minus top-2 logit margin. Greedy reads
+/// back one id and two logits; sampling reads the row it samples from.
+fn pick<B: Backend>(
+    logits: Tensor<B, 1>,
+    temperature: f32,
+    sampler: &mut dyn Sampler,
+) -> (u32, Vec<f64>, f32) {
+    let vocab = logits.dims()[0];
+    let top2 = deepspec_core::model::to_host(logits.clone().topk(2.min(vocab), 0)).data;
+    let margin = if top2.len() == 2 {
+        top2[0] - top2[1]
     } else {
-        sampler.sample(&p)
+        f32::INFINITY
     };
-    (token, p)
+    if is_greedy(temperature) {
+        let token = logits
+            .argmax(0)
+            .into_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .expect("int tensor")[0] as u32;
+        let mut p = vec![0.0; vocab];
+        p[token as usize] = 1.0;
+        (token, p, margin)
+    } else {
+        let row = deepspec_core::model::to_host(logits).data;
+        let p = probs(&row, temperature);
+        (sampler.sample(&p), p, margin)
+    }
 }
 
 pub struct DSparkProposer<'m, B: Backend> {
@@ -100,7 +102,7 @@ impl<'m, B: Backend> DSparkProposer<'m, B> {
             rope,
             block_size,
             mask_token_id,
-            cache: ContextCache::default(),
+            cache: model.new_cache(),
             pending: None,
         }
     }
@@ -108,7 +110,7 @@ impl<'m, B: Backend> DSparkProposer<'m, B> {
 
 impl<B: Backend> Proposer<B> for DSparkProposer<'_, B> {
     fn init(&mut self, features: Tensor<B, 3>, _prompt: &[u32], _first_token: u32) {
-        self.cache = ContextCache::default();
+        self.cache = self.model.new_cache();
         self.pending = Some(features);
     }
 
@@ -119,84 +121,36 @@ impl<B: Backend> Proposer<B> for DSparkProposer<'_, B> {
         params: &ProposeParams,
         sampler: &mut dyn Sampler,
     ) -> Proposal {
-        let model = self.model;
         if let Some(pending) = self.pending.take() {
-            model.extend_context(&self.rope, &mut self.cache, pending);
+            self.model
+                .extend_context(&self.rope, &mut self.cache, pending);
         }
         debug_assert_eq!(
-            self.cache.len, start,
+            self.cache.len(),
+            start,
             "context must cover every position before the block"
         );
-        let device = model.fc.weight.device();
-        let mut block = vec![self.mask_token_id as i64; self.block_size];
-        block[0] = current as i64;
-        let tokens =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(block, [1, self.block_size]), &device);
-        let out = model.block_with_cache(&self.rope, &self.cache, tokens, start);
-        let hidden = out.dims()[2];
-        let out: Tensor<B, 2> = out.reshape([self.block_size, hidden]);
-        let base = host_rows(model.lm_head.forward(out.clone()));
         let mut proposal = Proposal::default();
-        let mut prev = current;
-        let mut state: Option<Tensor<B, 3>> = None;
-        for (slot, base_row) in base.iter().enumerate() {
-            let h_slot: Tensor<B, 2> = out.clone().narrow(0, slot, 1);
-            let prev_ids =
-                Tensor::<B, 1, Int>::from_data(TensorData::new(vec![prev as i64], [1]), &device);
-            let mut logits = base_row.clone();
-            let mut prev_embedding = None;
-            if let Some(head) = &model.markov_head {
-                let e = head.markov_w1.lookup(prev_ids);
-                let feature = if let Some(gate) = &head.gate_proj {
-                    burn::tensor::activation::sigmoid(
-                        gate.forward(Tensor::cat(vec![h_slot.clone(), e.clone()], 1)),
-                    ) * e.clone()
-                } else if let Some(joint) = &head.joint_proj {
-                    let r = head.rank();
-                    let s = state
-                        .take()
-                        .unwrap_or_else(|| Tensor::zeros([1, 1, r], &device));
-                    let (next, feature) = rnn_step(
-                        joint,
-                        s,
-                        e.clone().unsqueeze::<3>(),
-                        h_slot.clone().unsqueeze::<3>(),
-                        r,
-                    );
-                    state = Some(next);
-                    feature.reshape([1, r])
-                } else {
-                    e.clone()
-                };
-                let bias = head
-                    .bias(feature)
-                    .into_data()
-                    .convert::<f32>()
-                    .into_vec::<f32>()
-                    .unwrap();
-                for (l, b) in logits.iter_mut().zip(bias) {
-                    *l += b;
-                }
-                prev_embedding = Some(e);
-            }
-            if let Some(conf) = &model.confidence_head {
-                let e = prev_embedding.filter(|_| conf.proj.in_features() > hidden);
-                let z: Tensor<B, 1> = conf.forward::<2, 1>(h_slot, e);
-                proposal
-                    .confidence_logits
-                    .push(z.into_data().convert::<f32>().into_vec::<f32>().unwrap()[0]);
-            }
-            proposal.top2_margin.push(top2_margin(&logits));
-            let (token, p) = draw(&logits, params.temperature, sampler);
-            proposal.tokens.push(token);
-            proposal.probs.push(p);
-            prev = token;
-        }
+        let draft = self.model.propose(
+            &self.rope,
+            &mut self.cache,
+            current,
+            self.block_size,
+            self.mask_token_id,
+            &mut |_, logits| {
+                let (token, p, margin) = pick(logits, params.temperature, sampler);
+                proposal.probs.push(p);
+                proposal.top2_margin.push(margin);
+                token
+            },
+        );
+        proposal.tokens = draft.tokens;
+        proposal.confidence_logits = draft.confidence_logits;
         if params.confidence_threshold > 0.0 && !proposal.confidence_logits.is_empty() {
             let keep = proposal
                 .confidence_logits
                 .iter()
-                .position(|&z| 1.0 / (1.0 + (-(z as f64)).exp()) < params.confidence_threshold)
+                .position(|&z| sigmoid(z as f64) < params.confidence_threshold)
                 .unwrap_or(self.block_size);
             proposal.tokens.truncate(keep);
             proposal.probs.truncate(keep);
@@ -226,33 +180,28 @@ impl<'m, B: Backend> Eagle3Proposer<'m, B> {
             model,
             rope,
             steps,
-            cache: Eagle3Cache::default(),
+            cache: Eagle3Cache::new(),
             hidden: None,
             committed_len: 0,
         }
     }
 
-    fn feed(&mut self, features: Tensor<B, 3>, tokens: &[u32], first: usize, causal: bool) {
-        let out = self.model.step_with_cache(
-            &self.rope,
-            &mut self.cache,
-            features,
-            tokens,
-            first,
-            causal,
-        );
+    fn feed(&mut self, features: Tensor<B, 3>, tokens: &[u32], causal: bool) {
+        let out = self
+            .model
+            .step_with_cache(&self.rope, &mut self.cache, features, tokens, causal);
         let m = out.dims()[1];
         self.hidden = Some(out.narrow(1, m - 1, 1));
-        self.committed_len = self.cache.len;
+        self.committed_len = self.cache.len();
     }
 }
 
 impl<B: Backend> Proposer<B> for Eagle3Proposer<'_, B> {
     fn init(&mut self, features: Tensor<B, 3>, prompt: &[u32], first_token: u32) {
-        self.cache = Eagle3Cache::default();
+        self.cache = Eagle3Cache::new();
         let mut tokens: Vec<u32> = prompt[1..].to_vec();
         tokens.push(first_token);
-        self.feed(features, &tokens, 0, true);
+        self.feed(features, &tokens, true);
     }
 
     fn propose(
@@ -262,37 +211,33 @@ impl<B: Backend> Proposer<B> for Eagle3Proposer<'_, B> {
         params: &ProposeParams,
         sampler: &mut dyn Sampler,
     ) -> Proposal {
+        debug_assert_eq!(
+            self.cache.len(),
+            start,
+            "fed every position before the draft"
+        );
         let mut proposal = Proposal::default();
         let mut h = self.hidden.clone().expect("init before propose");
         for j in 0..self.steps {
-            let logits = self.model.logits(h.clone());
-            let row = logits
-                .into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .unwrap();
-            proposal.top2_margin.push(top2_margin(&row));
-            let (token, p) = draw(&row, params.temperature, sampler);
+            let vocab = self.model.head().vocab_size();
+            let logits = self.model.logits(h.clone()).reshape([vocab]);
+            let (token, p, margin) = pick(logits, params.temperature, sampler);
+            proposal.top2_margin.push(margin);
             proposal.tokens.push(token);
             proposal.probs.push(p);
             if params.stop_ids.contains(&token) || j + 1 == self.steps {
                 break;
             }
-            h = self.model.step_with_cache(
-                &self.rope,
-                &mut self.cache,
-                h,
-                &[token],
-                start + j,
-                false,
-            );
+            h = self
+                .model
+                .step_with_cache(&self.rope, &mut self.cache, h, &[token], false);
         }
         proposal
     }
 
-    fn update(&mut self, features: Tensor<B, 3>, committed: &[u32], start: usize) {
+    fn update(&mut self, features: Tensor<B, 3>, committed: &[u32], _start: usize) {
         self.cache.truncate(self.committed_len);
-        self.feed(features, committed, start, false);
+        self.feed(features, committed, false);
     }
 }
 

@@ -1,14 +1,11 @@
 //! Verification of a proposal (DEEPSPEC-SPEC §6.4): greedy matching at temperature 0,
 //! rejection sampling with the residual distribution otherwise, and the bonus token.
 
-use deepspec_core::sampling::{argmax, softmax, Sampler};
-
-/// Below this temperature decoding is greedy (one-hot distributions for both models).
-pub const GREEDY_BELOW: f32 = 1e-5;
+use deepspec_core::sampling::{argmax, is_greedy, softmax, Sampler};
 
 /// A model's distribution over the vocabulary for one position at `temperature`.
 pub fn probs(logits: &[f32], temperature: f32) -> Vec<f64> {
-    if temperature < GREEDY_BELOW {
+    if is_greedy(temperature) {
         let mut p = vec![0.0; logits.len()];
         p[argmax(logits)] = 1.0;
         p

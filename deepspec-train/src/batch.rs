@@ -1,5 +1,6 @@
 //! A collated training batch on the host: what the reference's collator hands `run_batch`.
 
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use deepspec_core::io::safetensors::SafetensorsFile;
 use deepspec_core::io::HostTensor;
 use deepspec_core::LoadError;
@@ -19,7 +20,32 @@ pub struct TrainBatch {
     pub target_last_hidden: HostTensor,
 }
 
+/// A batch's cached target hidden states on the device.
+pub struct Features<B: Backend> {
+    /// `[b, L, n_t*H]`
+    pub target_hidden: Tensor<B, 3>,
+    /// `[b, L, H]`
+    pub target_last_hidden: Tensor<B, 3>,
+}
+
+fn upload<B: Backend>(host: &mut HostTensor, device: &B::Device) -> Tensor<B, 3> {
+    let shape: [usize; 3] = host.shape.clone().try_into().expect("rank-3 hidden states");
+    Tensor::from_data(
+        TensorData::new(std::mem::take(&mut host.data), shape),
+        device,
+    )
+}
+
 impl TrainBatch {
+    /// Moves the hidden states onto `device`; the host copies are handed over, not cloned
+    /// (the batch keeps its token ids, masks and lengths).
+    pub fn upload<B: Backend>(&mut self, device: &B::Device) -> Features<B> {
+        Features {
+            target_hidden: upload(&mut self.target_hidden, device),
+            target_last_hidden: upload(&mut self.target_last_hidden, device),
+        }
+    }
+
     pub fn batch(&self) -> usize {
         self.input_ids.len()
     }

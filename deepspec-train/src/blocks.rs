@@ -1,6 +1,8 @@
-//! Block construction for DSpark/DFlash training (DEEPSPEC-SPEC §5.4 c–h): block inputs,
-//! RoPE positions, the visibility mask, labels, supervised prefix and teacher-forced previous
-//! tokens. Pure host arithmetic, so every rule is testable on its own.
+//! Block construction for DSpark/DFlash training (the reference's block sampling in
+//! `dspark_trainer.py`): block inputs, RoPE positions, anchors (what each block sees is
+//! described by them — `Visibility::Blocks` — never spelled out as a mask), labels,
+//! supervised prefix and teacher-forced previous tokens. Pure host arithmetic, so every rule
+//! is testable on its own.
 
 use crate::anchors::Anchors;
 
@@ -12,8 +14,9 @@ pub struct BlockLayout {
     pub block_tokens: Vec<Vec<i64>>,
     /// `[b][L + N*B]` RoPE positions: context `0..L`, then `anchor + j` (dummies: `j`).
     pub positions: Vec<Vec<i64>>,
-    /// `[b][N*B][L + N*B]` which context keys and block slots each slot may attend to.
-    pub visible: Vec<Vec<Vec<bool>>>,
+    /// `[b][N]` each block's anchor, `-1` for a dropped block: a slot sees the context
+    /// before its anchor and its own block.
+    pub anchors: Vec<Vec<i64>>,
     /// `[b][N][B]` label of each slot.
     pub target_ids: Vec<Vec<Vec<i64>>>,
     /// `[b][N][B]` supervised slots (a contiguous prefix of each block).
@@ -42,7 +45,7 @@ pub fn build_blocks(
         block_size,
         block_tokens: Vec::with_capacity(batch),
         positions: Vec::with_capacity(batch),
-        visible: Vec::with_capacity(batch),
+        anchors: Vec::with_capacity(batch),
         target_ids: Vec::with_capacity(batch),
         eval_mask: Vec::with_capacity(batch),
         prev_tokens: Vec::with_capacity(batch),
@@ -52,7 +55,7 @@ pub fn build_blocks(
         let ids = &input_ids[b];
         let mut tokens = vec![mask; slots];
         let mut positions: Vec<i64> = (0..len as i64).collect();
-        let mut visible = vec![vec![false; len + slots]; slots];
+        let mut block_anchors = Vec::with_capacity(num_blocks);
         let mut targets = Vec::with_capacity(num_blocks);
         let mut evals = Vec::with_capacity(num_blocks);
         let mut prevs = Vec::with_capacity(num_blocks);
@@ -63,6 +66,7 @@ pub fn build_blocks(
             if keep {
                 tokens[m * block_size] = ids[anchor];
             }
+            block_anchors.push(if keep { anchor as i64 } else { -1 });
             let mut target = Vec::with_capacity(block_size);
             let mut eval = Vec::with_capacity(block_size);
             let mut row = Vec::with_capacity(block_size);
@@ -75,11 +79,6 @@ pub fn build_blocks(
                 prefix = prefix && keep && label < len && loss_mask[b][safe] == 1;
                 eval.push(prefix);
                 row.push(if keep { safe.saturating_sub(1) } else { 0 });
-                if keep {
-                    let q = m * block_size + j;
-                    visible[q][..anchor].fill(true);
-                    visible[q][len + m * block_size..len + (m + 1) * block_size].fill(true);
-                }
             }
             let mut prev = Vec::with_capacity(block_size);
             prev.push(ids[anchor]);
@@ -91,7 +90,7 @@ pub fn build_blocks(
         }
         layout.block_tokens.push(tokens);
         layout.positions.push(positions);
-        layout.visible.push(visible);
+        layout.anchors.push(block_anchors);
         layout.target_ids.push(targets);
         layout.eval_mask.push(evals);
         layout.prev_tokens.push(prevs);
@@ -103,8 +102,33 @@ pub fn build_blocks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::{Int, Tensor, TensorData};
+    use deepspec_core::model::attention::Visibility;
 
-    /// DEEPSPEC-SPEC §5.4 worked example: L = 10, B = 3, anchors [2, 5].
+    /// The dense mask the layout's description stands for, `[N*B][L + N*B]`.
+    fn dense(layout: &BlockLayout, len: usize) -> Vec<Vec<bool>> {
+        let device = Default::default();
+        let n = layout.num_blocks;
+        let slots = n * layout.block_size;
+        let visibility = Visibility::<Flex>::Blocks {
+            anchors: Tensor::<Flex, 2, Int>::from_data(
+                TensorData::new(layout.anchors[0].clone(), [1, n]),
+                &device,
+            ),
+            block_size: layout.block_size,
+            context_len: len,
+            window: None,
+        };
+        let flat = visibility
+            .dense_mask(1, slots, len + slots, &device)
+            .into_data()
+            .into_vec::<bool>()
+            .unwrap();
+        flat.chunks(len + slots).map(<[bool]>::to_vec).collect()
+    }
+
+    /// The reference's worked example: L = 10, B = 3, anchors [2, 5].
     #[test]
     fn worked_example_visibility_and_labels() {
         let ids: Vec<i64> = (100..110).collect();
@@ -121,8 +145,8 @@ mod tests {
         assert_eq!(&layout.positions[0][10..], &[2, 3, 4, 5, 6, 7, 0, 1, 2]);
         assert_eq!(layout.target_ids[0][0], vec![103, 104, 105]);
         assert_eq!(layout.target_ids[0][1], vec![106, 107, 108]);
-        let seen =
-            |q: usize| -> Vec<usize> { (0..19).filter(|&k| layout.visible[0][q][k]).collect() };
+        let visible = dense(&layout, 10);
+        let seen = |q: usize| -> Vec<usize> { (0..19).filter(|&k| visible[q][k]).collect() };
         assert_eq!(seen(0), vec![0, 1, 10, 11, 12]);
         assert_eq!(seen(4), vec![0, 1, 2, 3, 4, 13, 14, 15]);
         assert!(seen(7).is_empty(), "dummy blocks see nothing");

@@ -1,42 +1,77 @@
 //! Training logs: ratio metrics accumulated over a window, TensorBoard event files (the
 //! reference's `train/<name>` scalars) and the one-line summary per logging interval.
 
+use crate::loss::DeviceMetrics;
+use burn::tensor::{backend::Backend, Tensor};
+use deepspec_core::model::to_host;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tensorboard_rs::summary_writer::SummaryWriter;
 
-/// Metrics of the current logging window: ratios as (Σnum, Σden), scalars as values.
-#[derive(Default)]
-pub struct Window {
-    pub ratios: BTreeMap<String, (f64, f64)>,
+/// The current logging window, still on the device: ratio metrics and each optimizer
+/// step's loss. Reading it is the loop's one sync point per logging interval (nanoGPT's
+/// `loss.item()` per log line).
+pub struct Window<B: Backend> {
+    pub metrics: DeviceMetrics<B>,
+    pub losses: Vec<Tensor<B, 1>>,
+    /// Losses already read (a checkpoint step checks them before writing).
+    read_losses: Vec<f64>,
+    /// The global gradient norm of the last step.
+    pub grad_norm: Option<f64>,
+}
+
+impl<B: Backend> Default for Window<B> {
+    fn default() -> Self {
+        Window {
+            metrics: DeviceMetrics::default(),
+            losses: Vec::new(),
+            read_losses: Vec::new(),
+            grad_norm: None,
+        }
+    }
+}
+
+/// A window read on the host.
+pub struct ReadWindow {
+    /// Every scalar, named as the reference names them (without `train/`).
+    pub values: BTreeMap<String, f64>,
+    /// Each step's loss, in order.
     pub losses: Vec<f64>,
 }
 
-impl Window {
-    pub fn add_ratios(&mut self, metrics: &BTreeMap<String, (f64, f64)>) {
-        for (name, (num, den)) in metrics {
-            let e = self.ratios.entry(name.clone()).or_insert((0.0, 0.0));
-            e.0 += num;
-            e.1 += den;
-        }
-    }
-
-    /// Every scalar of the window, named as the reference names them (without `train/`).
-    pub fn values(&self, lr: f64, grad_norm: f64) -> BTreeMap<String, f64> {
-        let mut out: BTreeMap<String, f64> = self
-            .ratios
-            .iter()
-            .map(|(n, (num, den))| (n.clone(), if *den > 0.0 { num / den } else { 0.0 }))
-            .collect();
+impl<B: Backend> Window<B> {
+    /// Each step's loss so far, read once.
+    pub fn losses(&mut self) -> &[f64] {
         if !self.losses.is_empty() {
-            out.insert(
-                "loss".into(),
-                self.losses.iter().sum::<f64>() / self.losses.len() as f64,
+            let pending = std::mem::take(&mut self.losses);
+            self.read_losses.extend(
+                to_host(Tensor::cat(pending, 0))
+                    .data
+                    .into_iter()
+                    .map(f64::from),
             );
         }
-        out.insert("lr".into(), lr);
-        out.insert("grad_norm".into(), grad_norm);
-        out
+        &self.read_losses
+    }
+
+    /// Reads everything, with the learning rate of the next step.
+    pub fn read(mut self, lr: f64) -> ReadWindow {
+        let losses = self.losses().to_vec();
+        let mut values: BTreeMap<String, f64> = self
+            .metrics
+            .read()
+            .into_iter()
+            .map(|(n, (num, den))| (n, if den > 0.0 { num / den } else { 0.0 }))
+            .collect();
+        if !losses.is_empty() {
+            values.insert(
+                "loss".into(),
+                losses.iter().sum::<f64>() / losses.len() as f64,
+            );
+        }
+        values.insert("lr".into(), lr);
+        values.insert("grad_norm".into(), self.grad_norm.unwrap_or(f64::NAN));
+        ReadWindow { values, losses }
     }
 }
 

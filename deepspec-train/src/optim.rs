@@ -62,23 +62,20 @@ pub struct StepReport {
     pub clip_coef: f64,
 }
 
-struct NormVisitor<'a> {
+/// Sums the squared gradients of every parameter on the device.
+struct NormVisitor<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
-    sum_sq: f64,
+    sum_sq: Option<Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for NormVisitor<'_> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for NormVisitor<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            let sq = g
-                .cast(FloatDType::F32)
-                .powi_scalar(2)
-                .sum()
-                .into_data()
-                .convert::<f64>()
-                .into_vec::<f64>()
-                .unwrap()[0];
-            self.sum_sq += sq;
+            let sq = g.cast(FloatDType::F32).powi_scalar(2).sum();
+            self.sum_sq = Some(match self.sum_sq.take() {
+                Some(acc) => acc + sq,
+                None => sq,
+            });
         }
     }
 }
@@ -143,11 +140,17 @@ impl<B: AutodiffBackend> AdamW<B> {
         }
     }
 
-    /// The global norm of the gradients `grads` holds for `module`'s parameters.
+    /// The global norm of the gradients `grads` holds for `module`'s parameters, reduced on
+    /// the device and read once (the optimizer step's one sync point).
     pub fn grad_norm<M: AutodiffModule<B>>(module: &M, grads: &GradientsParams) -> f64 {
-        let mut visitor = NormVisitor { grads, sum_sq: 0.0 };
+        let mut visitor = NormVisitor::<B> {
+            grads,
+            sum_sq: None,
+        };
         module.visit(&mut visitor);
-        visitor.sum_sq.sqrt()
+        visitor
+            .sum_sq
+            .map_or(0.0, |s| deepspec_core::model::read_scalar(s).sqrt())
     }
 
     /// Clips by the global norm, then takes one AdamW step at learning rate `lr`.

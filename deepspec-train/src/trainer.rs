@@ -3,13 +3,15 @@
 //! checkpoints (DEEPSPEC-SPEC §5). Algorithm-specific parts live in `blocks` and `loss`.
 
 use crate::anchors::{sample_anchors, RandomAnchors};
-use crate::batch::TrainBatch;
+use crate::batch::{Features, TrainBatch};
 use crate::blocks::build_blocks;
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{collate, micro_batch, SampleSource};
 use crate::logging::{Logger, Window};
 use crate::loss::dspark::{dspark_loss, DSparkLossConfig};
 use crate::loss::eagle3::eagle3_loss;
+use crate::loss::head::HeadLossBackend;
+use crate::loss::DeviceMetrics;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::learning_rate;
 use anyhow::{bail, Context};
@@ -19,7 +21,6 @@ use burn::tensor::Tensor;
 use deepspec_core::drafter::{Drafter, DrafterConfig};
 use deepspec_core::sampling::Rng;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -39,6 +40,9 @@ pub struct TrainSettings {
     pub seed: u64,
     pub max_length: usize,
     pub dspark_loss: DSparkLossConfig,
+    /// Tokens per LM-head chunk in the loss (`None`: sized so one chunk's logits stay
+    /// under 256 MiB).
+    pub head_chunk_tokens: Option<usize>,
     pub tensorboard_dir: Option<PathBuf>,
     /// Stop (as if killed) after this many optimizer steps of this run; for tests of resume.
     pub stop_after: Option<usize>,
@@ -57,15 +61,18 @@ pub struct TrainSummary {
     pub checkpoint: PathBuf,
 }
 
-/// Micro-batch forward and loss; returns (loss, metrics, supervised predictions).
-pub fn micro_loss<B: AutodiffBackend>(
+/// Micro-batch forward and loss; returns (loss, metrics on the device, supervised
+/// predictions).
+pub fn micro_loss<B: AutodiffBackend + HeadLossBackend>(
     drafter: &Drafter<B>,
     config: &DrafterConfig,
     batch: &TrainBatch,
+    features: &Features<B>,
     rng: &mut Rng,
     settings: &TrainSettings,
-) -> (Tensor<B, 1>, BTreeMap<String, (f64, f64)>, usize) {
+) -> (Tensor<B, 1>, DeviceMetrics<B>, usize) {
     let rope = config.base.rope();
+    let chunk = settings.head_chunk_tokens;
     match drafter {
         Drafter::DSpark(model) => {
             let anchors = sample_anchors(
@@ -89,22 +96,27 @@ pub fn micro_loss<B: AutodiffBackend>(
                 .flatten()
                 .filter(|&&e| e)
                 .count();
-            let mut loss = dspark_loss(model, &rope, batch, &layout, &settings.dspark_loss);
+            let mut loss = dspark_loss(
+                model,
+                &rope,
+                batch,
+                features,
+                &layout,
+                &settings.dspark_loss,
+                chunk,
+            );
             let n = anchors.candidates.len() as f64;
             let kept: usize = anchors.keep.iter().flatten().filter(|&&k| k).count();
             let len = batch.seq_len() as f64;
             let candidates: usize = anchors.candidates.iter().sum();
-            loss.metrics
-                .insert("valid_anchors_abs".into(), (candidates as f64, n));
-            loss.metrics.insert(
-                "valid_anchors_ratio".into(),
-                (candidates as f64 / len.max(1.0), n),
-            );
-            loss.metrics
-                .insert("sampled_anchors_abs".into(), (kept as f64, n));
-            loss.metrics.insert(
-                "sampled_anchors_ratio".into(),
-                (kept as f64 / config.num_anchors as f64, n),
+            let m = &mut loss.metrics;
+            m.add_host("valid_anchors_abs", candidates as f64, n);
+            m.add_host("valid_anchors_ratio", candidates as f64 / len.max(1.0), n);
+            m.add_host("sampled_anchors_abs", kept as f64, n);
+            m.add_host(
+                "sampled_anchors_ratio",
+                kept as f64 / config.num_anchors as f64,
+                n,
             );
             (loss.total, loss.metrics, supervised)
         }
@@ -113,10 +125,16 @@ pub fn micro_loss<B: AutodiffBackend>(
                 model,
                 &rope,
                 batch,
+                features,
                 config.block_size,
                 config.step_loss_decay,
+                chunk,
             );
-            let supervised = loss.metrics.get("accuracy@0").map_or(0, |m| m.1 as usize);
+            let supervised = crate::loss::eagle3::position_masks(batch, 1)[0]
+                .iter()
+                .flatten()
+                .filter(|&&m| m)
+                .count();
             (loss.total, loss.metrics, supervised)
         }
     }
@@ -124,7 +142,7 @@ pub fn micro_loss<B: AutodiffBackend>(
 
 /// Trains `drafter` on `data`, checkpointing into `out`. With `resume`, continues from
 /// `out/step_latest` exactly where it stopped.
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: AutodiffBackend + HeadLossBackend>(
     mut drafter: Drafter<B>,
     mut config: DrafterConfig,
     data: &dyn SampleSource,
@@ -213,7 +231,7 @@ pub fn train<B: AutodiffBackend>(
 
     let started = Instant::now();
     let (mut tokens, mut predictions) = (0usize, 0usize);
-    let mut window = Window::default();
+    let mut window = Window::<B>::default();
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     let steps_at_start = state.global_step;
     let mut last_checkpoint = checkpoint::latest(out);
@@ -235,7 +253,7 @@ pub fn train<B: AutodiffBackend>(
                 break;
             }
             let mut accumulator = GradientsAccumulator::<Drafter<B>>::new();
-            let mut step_loss = 0.0;
+            let mut step_loss: Option<Tensor<B, 1>> = None;
             for _ in 0..accum {
                 // The batch read ahead while the previous one computed, then the next read-ahead.
                 let batch = match pending.take() {
@@ -244,30 +262,25 @@ pub fn train<B: AutodiffBackend>(
                 };
                 let ahead = state.next_micro_step + 1;
                 pending = Some(scope.spawn(move || load(ahead)));
+                let mut batch = batch;
                 tokens += batch.lens.iter().sum::<usize>();
-                let (loss, metrics, supervised) =
-                    micro_loss(&drafter, &config, &batch, &mut state.anchor_rng, settings);
-                predictions += supervised;
-                let value = loss
-                    .clone()
-                    .into_data()
-                    .convert::<f64>()
-                    .into_vec::<f64>()
-                    .unwrap()[0];
-                if !value.is_finite() {
-                    let bad: Vec<String> = metrics
-                        .iter()
-                        .filter(|(_, (n, d))| !n.is_finite() || !d.is_finite())
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    bail!(
-                    "step {}: the loss is {value} (non-finite terms: {}); stopping before the optimizer step",
-                    state.global_step + 1,
-                    if bad.is_empty() { "total".into() } else { bad.join(", ") }
+                let features = batch.upload::<B>(device);
+                let (loss, metrics, supervised) = micro_loss(
+                    &drafter,
+                    &config,
+                    &batch,
+                    &features,
+                    &mut state.anchor_rng,
+                    settings,
                 );
-                }
-                step_loss += value / accum as f64;
-                window.add_ratios(&metrics);
+                predictions += supervised;
+                // Nothing is read back inside a step: the loss and metrics stay on the
+                // device until the next logging (or checkpoint) step reads them at once.
+                step_loss = Some(match step_loss {
+                    Some(sum) => sum + loss.clone().detach() / accum as f64,
+                    None => loss.clone().detach() / accum as f64,
+                });
+                window.metrics.merge(metrics);
                 let grads = (loss / accum as f64).backward();
                 accumulator.accumulate(&drafter, GradientsParams::from_grads(grads, &drafter));
                 state.next_micro_step += 1;
@@ -282,11 +295,10 @@ pub fn train<B: AutodiffBackend>(
             let (next, report) = optim.step(drafter, &grads, lr);
             drafter = next;
             state.global_step += 1;
-            window.losses.push(step_loss);
-            if first_loss.is_nan() {
-                first_loss = step_loss;
-            }
-            last_loss = step_loss;
+            window
+                .losses
+                .push(step_loss.expect("at least one micro-step"));
+            window.grad_norm = Some(report.grad_norm);
             let next_lr = learning_rate(
                 settings.lr,
                 settings.warmup_ratio,
@@ -295,38 +307,58 @@ pub fn train<B: AutodiffBackend>(
             );
             let elapsed = started.elapsed().as_secs_f64().max(1e-9);
             progress.set_position(state.global_step as u64);
-            progress.set_message(format!(
-                "loss {step_loss:.4} lr {lr:.2e} {:.0} tok/s",
-                tokens as f64 / elapsed
-            ));
-            if state
+            let checkpoint_due = state
+                .global_step
+                .is_multiple_of(settings.checkpointing_steps.max(1))
+                || state.global_step == max_steps;
+            let log_due = state
                 .global_step
                 .is_multiple_of(settings.logging_steps.max(1))
-                || state.global_step == max_steps
-            {
-                let values = window.values(next_lr, report.grad_norm);
-                if let Some(l) = logger.as_mut() {
-                    l.write(state.global_step, &values);
+                || state.global_step == max_steps;
+            if checkpoint_due || log_due {
+                let losses = window.losses();
+                if let Some(bad) = losses.iter().position(|l| !l.is_finite()) {
+                    let step = state.global_step - losses.len() + bad + 1;
+                    let read = std::mem::take(&mut window).read(next_lr);
+                    let terms: Vec<&String> = read
+                        .values
+                        .iter()
+                        .filter(|(_, v)| !v.is_finite())
+                        .map(|(k, _)| k)
+                        .collect();
+                    bail!(
+                        "step {step}: the loss is {} (non-finite terms: {terms:?}); stopping before writing a checkpoint",
+                        read.losses[bad]
+                    );
                 }
-                let done = state.global_step - steps_at_start;
+            }
+            if log_due {
+                let read = std::mem::take(&mut window).read(next_lr);
+                if first_loss.is_nan() {
+                    first_loss = read.losses[0];
+                }
+                last_loss = *read.losses.last().expect("a step in the window");
+                progress.set_message(format!(
+                    "loss {last_loss:.4} lr {lr:.2e} {:.0} tok/s",
+                    tokens as f64 / elapsed
+                ));
+                if let Some(l) = logger.as_mut() {
+                    l.write(state.global_step, &read.values);
+                }
+                let done_steps = state.global_step - steps_at_start;
                 let remaining =
-                    elapsed / done.max(1) as f64 * (max_steps - state.global_step) as f64;
+                    elapsed / done_steps.max(1) as f64 * (max_steps - state.global_step) as f64;
                 progress.println(format!(
                     "epoch={} step={}/{} loss={:.4} | elapsed={:.1}min | remaining={:.1}min",
                     state.next_micro_step / (samples_per_epoch / b) + 1,
                     state.global_step,
                     max_steps,
-                    values.get("loss").copied().unwrap_or(f64::NAN),
+                    read.values.get("loss").copied().unwrap_or(f64::NAN),
                     elapsed / 60.0,
                     remaining / 60.0
                 ));
-                window = Window::default();
             }
-            if state
-                .global_step
-                .is_multiple_of(settings.checkpointing_steps.max(1))
-                || state.global_step == max_steps
-            {
+            if checkpoint_due {
                 last_checkpoint =
                     checkpoint::save(out, &drafter, &config, &optim, &state, settings.keep_last)?;
             }
@@ -334,6 +366,14 @@ pub fn train<B: AutodiffBackend>(
         Ok(())
     })?;
     progress.finish_and_clear();
+    // Steps after the last logging step (a run stopped early) still count in the summary.
+    let rest = window.losses();
+    if let (Some(&first), Some(&last)) = (rest.first(), rest.last()) {
+        if first_loss.is_nan() {
+            first_loss = first;
+        }
+        last_loss = last;
+    }
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
     Ok(TrainSummary {
         steps: state.global_step,

@@ -180,10 +180,13 @@ impl OnBackend for TrainBench {
                     decay_gamma: Some(4.0),
                 }
             },
+            head_chunk_tokens: None,
             tensorboard_dir: None,
             stop_after: None,
             show_progress: false,
         };
+        let mut host_batch = batch;
+        let features = host_batch.upload::<AB<B>>(&device);
         let mut optim = AdamW::<AB<B>>::new(AdamWConfig::default());
         let mut anchor_rng = Rng::new(7);
         let mut times = Vec::new();
@@ -193,7 +196,8 @@ impl OnBackend for TrainBench {
             let (loss, _, supervised) = deepspec_train::trainer::micro_loss(
                 &drafter,
                 &config,
-                &batch,
+                &host_batch,
+                &features,
                 &mut anchor_rng,
                 &settings,
             );
@@ -228,11 +232,28 @@ impl OnBackend for TrainBench {
             "draft tokens/s   {:.0} (supervised predictions)",
             predictions as f64 / total
         );
+        // Host memory: the whole process's high-water mark (weights, batch and every step).
+        let peak_rss = deepspec_core::backend::peak_rss_bytes();
+        match peak_rss {
+            Some(bytes) => println!(
+                "peak memory      {:.1} MiB max RSS",
+                bytes as f64 / (1 << 20) as f64
+            ),
+            None => println!("peak memory      not reported by this system (no /proc/self/status)"),
+        }
+        let device_peak = deepspec_core::backend::device_memory_reserved_bytes::<B>(&device);
+        if let Some(bytes) = device_peak {
+            println!(
+                "device memory    {:.1} MiB reserved by the allocator (its high-water mark)",
+                bytes as f64 / (1 << 20) as f64
+            );
+        }
         println!(
             "{}",
             serde_json::json!({"bench": "train", "preset": format!("{:?}", self.preset), "algo": format!("{:?}", self.algo),
                                "step_ms_median": median * 1e3, "draft_tokens_per_s": predictions as f64 / total,
-                               "seq_len": len, "anchors": self.anchors})
+                               "seq_len": len, "anchors": self.anchors, "layers": layers,
+                               "peak_rss_bytes": peak_rss, "device_reserved_bytes": device_peak})
         );
         Ok(())
     }

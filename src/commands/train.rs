@@ -145,6 +145,7 @@ pub fn train_settings(recipe: &Recipe, out: &Path, stop_after: Option<usize>) ->
             },
             decay_gamma: Some(m.loss_decay_gamma),
         },
+        head_chunk_tokens: t.head_chunk_tokens,
         tensorboard_dir: Some(
             l.tensorboard_dir
                 .clone()

@@ -1,15 +1,22 @@
-//! The DSpark / DFlash parallel drafter (`Qwen3DSparkModel`, DEEPSPEC-SPEC §4.2): a block of
+//! The DSpark / DFlash parallel drafter (the reference's `Qwen3DSparkModel`): a block of
 //! `[anchor, mask, ...]` slots attends to the target's context features injected as extra
 //! keys/values in every layer; slot `j` predicts the token at `anchor + j + 1`. DSpark adds
 //! the Markov and confidence heads; DFlash is the same class without them.
+//!
+//! This file is the whole family: loading, the training forward ([`DSparkModel::block_features`]:
+//! every block slot's LM-head input, Markov features and confidence) and the inference forward
+//! ([`DSparkModel::extend_context`] + [`DSparkModel::propose`], with the drafter's own KV
+//! cache). Both run the same [`DSparkModel::backbone`].
 
 use super::config::{DrafterConfig, MarkovKind};
-use super::heads::markov::MarkovFeatures;
 use super::heads::{ConfidenceHead, MarkovHead};
-use super::{attention_from, frozen, linear_from, mlp_from, norm_from};
+use super::{
+    attention_from, frozen_embedding_and_head, linear_from, mlp_from, norm_from, HeadWeights,
+};
 use crate::io::WeightSource;
-use crate::model::attention::attention;
+use crate::model::attention::{SelfAttention, Visibility};
 use crate::model::embedding::Embedding;
+use crate::model::kv_cache::KvCache;
 use crate::model::linear::Linear;
 use crate::model::norm::RmsNorm;
 use crate::model::param_from_host;
@@ -17,7 +24,7 @@ use crate::model::rope::Rope;
 use crate::model::transformer::DecoderLayer;
 use crate::LoadError;
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Bool, Int, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 #[derive(Module, Debug)]
 pub struct DSparkModel<B: Backend> {
@@ -34,14 +41,38 @@ pub struct DSparkModel<B: Backend> {
     pub confidence_head: Option<ConfidenceHead<B>>,
 }
 
-/// What the heads make of a block's backbone output.
-pub struct BlockLogits<B: Backend> {
-    /// `[b, n, k, V]`: `lm_head(out)` plus the Markov bias.
-    pub logits: Tensor<B, 4>,
-    /// `[b, n, k]` confidence logits, when the model has the head.
+/// The blocks of one training micro-batch, described for the device.
+pub struct BlockInputs<'a, B: Backend> {
+    /// `[b, N*k]` block input tokens (anchor token in slot 0, mask elsewhere).
+    pub tokens: Tensor<B, 2, Int>,
+    /// `[b][L + N*k]` RoPE positions: the context `0..L`, then each slot's.
+    pub positions: &'a [Vec<i64>],
+    /// `[b, N]` each block's anchor position, `-1` for a dropped block.
+    pub anchors: Tensor<B, 2, Int>,
+    /// `[b, N, k]` the token before each slot (teacher-forced).
+    pub prev_tokens: Tensor<B, 3, Int>,
+    /// Context keys a slot may see before its anchor (`None`: all of them).
+    pub window: Option<usize>,
+}
+
+/// What the training forward gives each block slot: the LM-head input and the Markov
+/// features whose bias the head adds (the "LM head + loss" seam consumes both), and the
+/// confidence logits.
+pub struct BlockFeatures<B: Backend> {
+    /// `[b, N, k, H]` post-norm backbone output.
+    pub hidden: Tensor<B, 4>,
+    /// `[b, N, k, r]` Markov bias features `f` (the bias is `markov_w2 · f`).
+    pub markov: Option<Tensor<B, 4>>,
+    /// `[b, N, k]` confidence logits.
     pub confidence: Option<Tensor<B, 3>>,
-    /// Markov outputs (bias features and previous-token embeddings), when present.
-    pub markov: Option<MarkovFeatures<B>>,
+}
+
+/// One drafted block at inference.
+#[derive(Debug, Clone, Default)]
+pub struct BlockDraft {
+    pub tokens: Vec<u32>,
+    /// Confidence logit of each slot (empty without a confidence head).
+    pub confidence_logits: Vec<f32>,
 }
 
 impl<B: Backend> DSparkModel<B> {
@@ -102,25 +133,34 @@ impl<B: Backend> DSparkModel<B> {
         } else {
             None
         };
+        let (embed_tokens, lm_head) = frozen_embedding_and_head(src, config, device)?;
         Ok(DSparkModel {
-            embed_tokens: Embedding::new(frozen(param_from_host(
-                src.tensor_shaped("embed_tokens.weight", &[c.vocab_size, h])?,
-                device,
-            ))),
+            embed_tokens,
             layers,
             norm: norm_from(src, "norm.weight", h, eps, device)?,
             fc: linear_from(src, "fc", h, config.context_width(), false, device)?,
             hidden_norm: norm_from(src, "hidden_norm.weight", h, eps, device)?,
-            lm_head: Linear::new(
-                frozen(param_from_host(
-                    src.tensor_shaped("lm_head.weight", &[c.vocab_size, h])?,
-                    device,
-                )),
-                None,
-            ),
+            lm_head,
             markov_head,
             confidence_head,
         })
+    }
+
+    pub fn device(&self) -> B::Device {
+        self.fc.weight.device()
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.lm_head.in_features()
+    }
+
+    /// The weights the "LM head + loss" seam needs: the frozen LM head and the Markov
+    /// head's output projection.
+    pub fn head(&self) -> HeadWeights<B> {
+        HeadWeights {
+            lm_head: self.lm_head.weight.val(),
+            markov_w2: self.markov_head.as_ref().map(|m| m.markov_w2.weight.val()),
+        }
     }
 
     /// Context features `hidden_norm(fc(ctx_raw))`: `[b, L, n_t*H] -> [b, L, H]`.
@@ -128,65 +168,117 @@ impl<B: Backend> DSparkModel<B> {
         self.hidden_norm.forward(self.fc.forward(ctx_raw))
     }
 
-    /// The backbone over `block_tokens [b, S]` with context features `context [b, L, H]`.
-    ///
-    /// `positions[b]` holds the `L` context positions followed by the `S` block positions;
-    /// `visible [b, 1, S, L + S]` says which context keys and block slots each slot sees.
+    /// The backbone over `block_tokens [b, S]` at RoPE tables `cos/sin [b, 1, S, d]`.
+    /// `context_kv(layer, attention, block_keys, block_values)` returns the keys/values the
+    /// block attends to (context then block); `visibility` says what each slot sees.
     /// Returns the post-norm output `[b, S, H]`.
     pub fn backbone(
         &self,
-        rope: &Rope,
-        context: Tensor<B, 3>,
         block_tokens: Tensor<B, 2, Int>,
-        positions: &[Vec<i64>],
-        visible: Tensor<B, 4, Bool>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        visibility: &Visibility<B>,
+        mut context_kv: impl FnMut(
+            usize,
+            &SelfAttention<B>,
+            Tensor<B, 4>,
+            Tensor<B, 4>,
+        ) -> (Tensor<B, 4>, Tensor<B, 4>),
     ) -> Tensor<B, 3> {
-        let [_, ctx_len, _] = context.dims();
-        let [_, slots] = block_tokens.dims();
-        let (cos, sin) = rope.tables::<B>(positions, &context.device());
-        let cos_q = cos.clone().narrow(2, ctx_len, slots);
-        let sin_q = sin.clone().narrow(2, ctx_len, slots);
         let mut h = self.embed_tokens.forward(block_tokens);
-        for layer in &self.layers {
-            let attn = &layer.self_attn;
-            let a = layer.input_layernorm.forward(h.clone());
-            let q = attn.queries(a.clone(), &cos_q, &sin_q);
-            let (k, v) = attn.keys_values(Tensor::cat(vec![context.clone(), a], 1), &cos, &sin);
-            let o = attention(q, k, v, visible.clone(), (attn.head_dim as f64).powf(-0.5));
-            h = h + attn.output(o);
-            h = h.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(h));
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(h, |attn, a| {
+                let q = attn.queries(a.clone(), cos, sin);
+                let (k, v) = attn.keys_values(a, cos, sin);
+                let (k, v) = context_kv(i, attn, k, v);
+                attn.attend(q, k, v, visibility)
+            });
         }
         self.norm.forward(h)
     }
 
-    /// Heads over the backbone output `out [b, n, k, H]` with the token before each slot
-    /// `prev_tokens [b, n, k]` (teacher-forced in training).
-    pub fn block_logits(
+    /// The training forward over every block of a micro-batch with context features
+    /// `ctx_raw [b, L, n_t*H]`: backbone, then the Markov features and the confidence head.
+    pub fn block_features(
         &self,
-        out: Tensor<B, 4>,
-        prev_tokens: Tensor<B, 3, Int>,
-    ) -> BlockLogits<B> {
-        let mut logits = self.lm_head.forward(out.clone());
-        let markov = self
-            .markov_head
+        rope: &Rope,
+        ctx_raw: Tensor<B, 3>,
+        blocks: &BlockInputs<B>,
+    ) -> BlockFeatures<B> {
+        let [b, ctx_len, _] = ctx_raw.dims();
+        let [_, slots] = blocks.tokens.dims();
+        let [_, n, k] = blocks.prev_tokens.dims();
+        let context = self.context(ctx_raw);
+        let (cos, sin) = rope.tables::<B>(blocks.positions, &context.device());
+        let (cos_ctx, sin_ctx) = (
+            cos.clone().narrow(2, 0, ctx_len),
+            sin.clone().narrow(2, 0, ctx_len),
+        );
+        let (cos_q, sin_q) = (cos.narrow(2, ctx_len, slots), sin.narrow(2, ctx_len, slots));
+        let visibility = Visibility::Blocks {
+            anchors: blocks.anchors.clone(),
+            block_size: k,
+            context_len: ctx_len,
+            window: blocks.window,
+        };
+        let out = self.backbone(
+            blocks.tokens.clone(),
+            &cos_q,
+            &sin_q,
+            &visibility,
+            |_, attn, k_block, v_block| {
+                let (k_ctx, v_ctx) = attn.keys_values(context.clone(), &cos_ctx, &sin_ctx);
+                (
+                    Tensor::cat(vec![k_ctx, k_block], 2),
+                    Tensor::cat(vec![v_ctx, v_block], 2),
+                )
+            },
+        );
+        let hidden: Tensor<B, 4> = out.reshape([b, n, k, self.hidden_size()]);
+        let (markov, prev_embedding) = match &self.markov_head {
+            Some(head) => {
+                let e = head.embed_prev(blocks.prev_tokens.clone());
+                (Some(head.features(e.clone(), hidden.clone())), Some(e))
+            }
+            None => (None, None),
+        };
+        let confidence = self
+            .confidence_head
             .as_ref()
-            .map(|head| head.features(prev_tokens, out.clone()));
-        if let (Some(head), Some(features)) = (&self.markov_head, &markov) {
-            logits = logits + head.bias(features.bias_features.clone());
-        }
-        let confidence = self.confidence_head.as_ref().map(|head| {
-            let e = markov
-                .as_ref()
-                .filter(|_| head.proj.in_features() > out.dims()[3])
-                .map(|m| m.prev_embedding.clone());
-            head.forward::<4, 3>(out.clone(), e)
-        });
-        BlockLogits {
-            logits,
-            confidence,
+            .map(|head| head.forward::<4, 3>(hidden.clone(), prev_embedding));
+        BlockFeatures {
+            hidden,
             markov,
+            confidence,
         }
     }
+}
+
+impl<B: Backend> BlockFeatures<B> {
+    /// Dense draft logits `[b, N, k, V]` = `lm_head(hidden)` + the Markov bias: the whole
+    /// vocabulary for every slot, for inspection and tests (training goes through the
+    /// chunked seam instead).
+    pub fn logits(&self, head: &HeadWeights<B>) -> Tensor<B, 4> {
+        let base = head.base_logits(self.hidden.clone());
+        match (&self.markov, &head.markov_w2) {
+            (Some(f), Some(w2)) => base + head_matmul(f.clone(), w2.clone()),
+            _ => base,
+        }
+    }
+}
+
+/// `x [.., F] · wᵀ` for `w [V, F]`.
+pub(crate) fn head_matmul<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: Tensor<B, 2>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let f = dims[D - 1];
+    let rows: usize = dims[..D - 1].iter().product();
+    let v = w.dims()[0];
+    let mut out = dims;
+    out[D - 1] = v;
+    x.reshape([rows, f]).matmul(w.transpose()).reshape(out)
 }
 
 fn decoder_layer<B: Backend>(
@@ -211,76 +303,116 @@ fn decoder_layer<B: Backend>(
     })
 }
 
-/// The drafter's cache at inference: keys/values of the context positions already fed (per
-/// layer, `[b, kv_heads, len, head_dim]`, keys normed and rotated).
-#[derive(Debug, Clone, Default)]
+/// The drafter's inference cache: keys/values of the context positions fed so far, one
+/// row, in the shared [`KvCache`].
+#[derive(Debug, Clone)]
 pub struct ContextCache<B: Backend> {
-    pub layers: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
-    pub len: usize,
+    kv: KvCache<B>,
+}
+
+impl<B: Backend> ContextCache<B> {
+    /// Context positions cached (the next block's anchor position).
+    pub fn len(&self) -> usize {
+        self.kv.len(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl<B: Backend> DSparkModel<B> {
-    /// Appends context features `ctx_raw [1, m, n_t*H]` at positions `cache.len..+m`.
+    pub fn new_cache(&self) -> ContextCache<B> {
+        ContextCache {
+            kv: KvCache::new(self.layers.len(), 1),
+        }
+    }
+
+    /// Appends context features `ctx_raw [1, m, n_t*H]` at positions `cache.len()..+m`.
     /// Context keys depend only on `hidden_norm(fc(ctx))`, never on the block, so feeding
     /// them ahead of a block is the reference's single combined forward.
     pub fn extend_context(&self, rope: &Rope, cache: &mut ContextCache<B>, ctx_raw: Tensor<B, 3>) {
-        let [batch, m, _] = ctx_raw.dims();
+        let [_, m, _] = ctx_raw.dims();
         if m == 0 {
             return;
         }
-        let positions: Vec<Vec<i64>> = (0..batch)
-            .map(|_| (cache.len..cache.len + m).map(|p| p as i64).collect())
-            .collect();
-        let (cos, sin) = rope.tables::<B>(&positions, &ctx_raw.device());
+        let first = cache.len() as i64;
+        let positions = vec![(first..first + m as i64).collect::<Vec<_>>()];
+        let device = ctx_raw.device();
+        let (cos, sin) = rope.tables::<B>(&positions, &device);
+        cache.kv.begin_step(&positions, &device);
         let context = self.context(ctx_raw);
         for (i, layer) in self.layers.iter().enumerate() {
             let (k, v) = layer.self_attn.keys_values(context.clone(), &cos, &sin);
-            if let Some((ck, cv)) = cache.layers.get_mut(i) {
-                *ck = Tensor::cat(vec![ck.clone(), k], 2);
-                *cv = Tensor::cat(vec![cv.clone(), v], 2);
-            } else {
-                cache.layers.push((k, v));
-            }
+            cache.kv.append(i, k, v);
         }
-        cache.len += m;
     }
 
-    /// One block `block_tokens [b, B]` at positions `first..first+B`, attending to every cached
-    /// context key and to all its own slots. The cache is not changed. Returns `[b, B, H]`.
-    pub fn block_with_cache(
+    /// Drafts one block after `current` (at position `cache.len()`): the backbone over
+    /// `[current, mask × (block_size - 1)]` attending to every cached context key, then the
+    /// sequential heads slot by slot. `choose(slot, logits [V])` picks each slot's token from
+    /// its draft logits (Markov bias included), on the device; what it reads back is its own
+    /// business. The cache is not changed.
+    pub fn propose(
         &self,
         rope: &Rope,
-        cache: &ContextCache<B>,
-        block_tokens: Tensor<B, 2, Int>,
-        first: usize,
-    ) -> Tensor<B, 3> {
-        let device = block_tokens.device();
-        let [batch, slots] = block_tokens.dims();
-        let positions: Vec<Vec<i64>> = (0..batch)
-            .map(|_| (first..first + slots).map(|p| p as i64).collect())
-            .collect();
+        cache: &mut ContextCache<B>,
+        current: u32,
+        block_size: usize,
+        mask_token_id: u32,
+        choose: &mut dyn FnMut(usize, Tensor<B, 1>) -> u32,
+    ) -> BlockDraft {
+        let device = self.device();
+        let start = cache.len();
+        let mut block = vec![mask_token_id as i64; block_size];
+        block[0] = current as i64;
+        let tokens =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(block, [1, block_size]), &device);
+        let positions = vec![(start as i64..(start + block_size) as i64).collect::<Vec<_>>()];
         let (cos, sin) = rope.tables::<B>(&positions, &device);
-        let visible = Tensor::<B, 4, Bool>::from_data(
-            burn::tensor::TensorData::new(
-                vec![true; batch * slots * (cache.len + slots)],
-                [batch, 1, slots, cache.len + slots],
-            ),
-            &device,
-        );
-        let mut h = self.embed_tokens.forward(block_tokens);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let attn = &layer.self_attn;
-            let a = layer.input_layernorm.forward(h.clone());
-            let q = attn.queries(a.clone(), &cos, &sin);
-            let (mut k, mut v) = attn.keys_values(a, &cos, &sin);
-            if let Some((ck, cv)) = cache.layers.get(i) {
-                k = Tensor::cat(vec![ck.clone(), k], 2);
-                v = Tensor::cat(vec![cv.clone(), v], 2);
+        let visibility = Visibility::Blocks {
+            anchors: Tensor::from_data(TensorData::new(vec![start as i64], [1, 1]), &device),
+            block_size,
+            context_len: cache.kv.slots(),
+            window: None,
+        };
+        let out = self.backbone(tokens, &cos, &sin, &visibility, |i, _, k, v| {
+            cache.kv.with_scratch(i, k, v)
+        });
+        let hidden = self.hidden_size();
+        let out: Tensor<B, 3> = out.reshape([block_size, 1, hidden]);
+        let head = self.head();
+        let base = head.base_logits(out.clone());
+        let mut draft = BlockDraft::default();
+        let mut confidence = Vec::with_capacity(block_size);
+        let mut prev = current;
+        let mut state = None;
+        for slot in 0..block_size {
+            let h_slot = out.clone().narrow(0, slot, 1);
+            let mut logits = base.clone().narrow(0, slot, 1);
+            let mut prev_embedding = None;
+            if let Some(markov) = &self.markov_head {
+                let prev_ids = Tensor::<B, 3, Int>::from_data(
+                    TensorData::new(vec![prev as i64], [1, 1, 1]),
+                    &device,
+                );
+                let e: Tensor<B, 3> = markov.embed_prev(prev_ids).reshape([1, 1, markov.rank()]);
+                let (feature, next) = markov.step(e.clone(), h_slot.clone(), state.take());
+                state = next;
+                logits = logits + markov.bias(feature);
+                prev_embedding = Some(e);
             }
-            let o = attention(q, k, v, visible.clone(), (attn.head_dim as f64).powf(-0.5));
-            h = h + attn.output(o);
-            h = h.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(h));
+            if let Some(conf) = &self.confidence_head {
+                let z: Tensor<B, 2> = conf.forward::<3, 2>(h_slot, prev_embedding);
+                confidence.push(z.reshape([1]));
+            }
+            let token = choose(slot, logits.reshape([head.vocab_size()]));
+            draft.tokens.push(token);
+            prev = token;
         }
-        self.norm.forward(h)
+        if !confidence.is_empty() {
+            draft.confidence_logits = crate::model::to_host(Tensor::cat(confidence, 0)).data;
+        }
+        draft
     }
 }

@@ -1,17 +1,22 @@
-//! Eagle3 (`Qwen3Eagle3Model`, DEEPSPEC-SPEC §4.5): one decoder layer fed two streams — the
+//! Eagle3 (the reference's `Qwen3Eagle3Model`): one decoder layer fed two streams — the
 //! next token's embedding and a hidden state (`fc` of the tapped target layers at step 0,
 //! then the layer's own previous output) — unrolled for `ttt_length` steps in training.
+//!
+//! This file is the whole family: loading, the training forward ([`Eagle3Model::ttt_forward`])
+//! and the inference step ([`Eagle3Model::step_with_cache`], with its own KV cache).
 
 use super::config::DrafterConfig;
-use super::{attention_from, frozen, linear_from, mlp_from, norm_from};
+use super::HeadWeights;
+use super::{attention_from, frozen_embedding_and_head, linear_from, mlp_from, norm_from};
 use crate::io::WeightSource;
-use crate::model::attention::{attention, SelfAttention};
+use crate::model::attention::{SelfAttention, Visibility};
 use crate::model::embedding::Embedding;
+use crate::model::kv_cache::KvCache;
 use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
 use crate::model::norm::RmsNorm;
-use crate::model::param_from_host;
 use crate::model::rope::Rope;
+use crate::model::transformer::residual_mlp;
 use crate::LoadError;
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
@@ -36,21 +41,30 @@ pub struct Eagle3Model<B: Backend> {
 }
 
 impl<B: Backend> Eagle3Layer<B> {
-    /// The layer's input `[input_layernorm(emb) ; hidden_norm(h)]`: `[b, s, 2H]`.
-    pub fn input(&self, emb: Tensor<B, 3>, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        Tensor::cat(
+    /// The layer over the hidden stream `h [b, s, H]` with token embeddings `emb [b, s, H]`:
+    /// attention reads `[input_layernorm(emb) ; hidden_norm(h)]` (`attend` decides keys and
+    /// visibility), the residual stream is `h`. Returns the pre-norm output `[b, s, H]`.
+    pub fn forward(
+        &self,
+        emb: Tensor<B, 3>,
+        h: Tensor<B, 3>,
+        attend: impl FnOnce(&SelfAttention<B>, Tensor<B, 3>) -> Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
+        let x = Tensor::cat(
             vec![
                 self.input_layernorm.forward(emb),
-                self.hidden_norm.forward(h),
+                self.hidden_norm.forward(h.clone()),
             ],
             2,
+        );
+        let attended = attend(&self.self_attn, x);
+        residual_mlp(
+            h,
+            &self.self_attn,
+            attended,
+            &self.post_attention_layernorm,
+            &self.mlp,
         )
-    }
-
-    /// Residual + MLP after attention: `h + attn_out`, then the MLP block.
-    pub fn finish(&self, h: Tensor<B, 3>, attended: Tensor<B, 4>) -> Tensor<B, 3> {
-        let h = h + self.self_attn.output(attended);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
 
@@ -82,27 +96,36 @@ impl<B: Backend> Eagle3Model<B> {
             )?,
             mlp: mlp_from(src, p, config, device)?,
         };
+        let (embed_tokens, lm_head) = frozen_embedding_and_head(src, config, device)?;
         Ok(Eagle3Model {
-            embed_tokens: Embedding::new(frozen(param_from_host(
-                src.tensor_shaped("embed_tokens.weight", &[c.vocab_size, h])?,
-                device,
-            ))),
+            embed_tokens,
             fc: linear_from(src, "fc", h, config.context_width(), false, device)?,
             layers: vec![layer],
             norm: norm_from(src, "norm.weight", h, eps, device)?,
-            lm_head: Linear::new(
-                frozen(param_from_host(
-                    src.tensor_shaped("lm_head.weight", &[c.vocab_size, h])?,
-                    device,
-                )),
-                None,
-            ),
+            lm_head,
         })
     }
 
-    /// Logits from a pre-norm hidden state: `lm_head(norm(h))`.
+    pub fn device(&self) -> B::Device {
+        self.fc.weight.device()
+    }
+
+    /// The frozen LM head, as the "LM head + loss" seam takes it.
+    pub fn head(&self) -> HeadWeights<B> {
+        HeadWeights {
+            lm_head: self.lm_head.weight.val(),
+            markov_w2: None,
+        }
+    }
+
+    /// The LM head's input from a pre-norm hidden state: `norm(h)`.
+    pub fn head_input(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.norm.forward(h)
+    }
+
+    /// Dense logits from a pre-norm hidden state: `lm_head(norm(h))`, `[b, s, V]`.
     pub fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.lm_head.forward(self.norm.forward(h))
+        self.head().base_logits(self.head_input(h))
     }
 
     /// Training-time test: `steps` unrolled steps over a right-padded batch.
@@ -122,11 +145,14 @@ impl<B: Backend> Eagle3Model<B> {
         let device = ctx_raw.device();
         let [batch, len, _] = ctx_raw.dims();
         let layer = &self.layers[0];
-        let attn = &layer.self_attn;
         let mut h = self.fc.forward(ctx_raw);
         let mut keys: Vec<Tensor<B, 4>> = Vec::with_capacity(steps);
         let mut values: Vec<Tensor<B, 4>> = Vec::with_capacity(steps);
         let mut outputs = Vec::with_capacity(steps);
+        let lens = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(lens.iter().map(|&l| l as i64).collect::<Vec<_>>(), [batch]),
+            &device,
+        );
         for step in 0..steps {
             let ids: Vec<i64> = input_ids
                 .iter()
@@ -137,84 +163,74 @@ impl<B: Backend> Eagle3Model<B> {
                 .map(|_| (0..len).map(|t| (t + step) as i64).collect())
                 .collect();
             let (cos, sin) = rope.tables::<B>(&positions, &device);
-            let x = layer.input(self.embed_tokens.forward(ids), h.clone());
-            let q = attn.queries(x.clone(), &cos, &sin);
-            let (k, v) = attn.keys_values(x, &cos, &sin);
-            keys.push(k);
-            values.push(v);
-            let visible = ttt_visibility::<B>(lens, len, step, &device);
-            let o = attention(
-                q,
-                Tensor::cat(keys.clone(), 2),
-                Tensor::cat(values.clone(), 2),
-                visible,
-                (attn.head_dim as f64).powf(-0.5),
-            );
-            h = layer.finish(h, o);
+            let visibility = Visibility::Ttt {
+                lens: lens.clone(),
+                len,
+                step,
+            };
+            h = layer.forward(self.embed_tokens.forward(ids), h, |attn, x| {
+                let q = attn.queries(x.clone(), &cos, &sin);
+                let (k, v) = attn.keys_values(x, &cos, &sin);
+                keys.push(k);
+                values.push(v);
+                attn.attend(
+                    q,
+                    Tensor::cat(keys.clone(), 2),
+                    Tensor::cat(values.clone(), 2),
+                    &visibility,
+                )
+            });
             outputs.push(h.clone());
         }
         outputs
     }
 }
 
-/// TTT visibility at `step` over `(step+1)*L` cached keys: query `t` (active iff
-/// `t < len_b - step`) sees step-0 keys `j <= t` with `j < len_b - step`, and the key at its
-/// own position from each later step.
-fn ttt_visibility<B: Backend>(
-    lens: &[usize],
-    len: usize,
-    step: usize,
-    device: &B::Device,
-) -> Tensor<B, 4, burn::tensor::Bool> {
-    let keys = (step + 1) * len;
-    let mut visible = Vec::with_capacity(lens.len() * len * keys);
-    for &real in lens {
-        let valid = real.saturating_sub(step);
-        for t in 0..len {
-            for kv in 0..keys {
-                let allowed = t < valid
-                    && if kv < len {
-                        kv <= t && kv < valid
-                    } else {
-                        kv % len == t
-                    };
-                visible.push(allowed);
-            }
-        }
-    }
-    Tensor::from_data(TensorData::new(visible, [lens.len(), 1, len, keys]), device)
-}
-
-/// The Eagle3 layer's keys/values at inference: `[1, kv_heads, len, head_dim]`.
-#[derive(Debug, Clone, Default)]
+/// The Eagle3 layer's inference cache (one row, the shared [`KvCache`]).
+#[derive(Debug, Clone)]
 pub struct Eagle3Cache<B: Backend> {
-    pub kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
-    pub len: usize,
+    kv: KvCache<B>,
 }
 
 impl<B: Backend> Eagle3Cache<B> {
-    pub fn truncate(&mut self, len: usize) {
-        if let Some((k, v)) = self.kv.take() {
-            if len > 0 {
-                self.kv = Some((k.narrow(2, 0, len), v.narrow(2, 0, len)));
-            }
+    pub fn new() -> Self {
+        Eagle3Cache {
+            kv: KvCache::new(1, 1),
         }
-        self.len = len;
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.kv.len(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets every position from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.kv.truncate(0, len);
+    }
+}
+
+impl<B: Backend> Default for Eagle3Cache<B> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
 impl<B: Backend> Eagle3Model<B> {
     /// Runs the layer on hidden inputs `h [1, m, H or n_t*H]` (fc applied when it is raw
-    /// target features) paired with `tokens [m]` at `positions`, appending to `cache`.
-    /// `causal`: new queries see earlier new keys only; otherwise every new key. Returns the
-    /// pre-norm outputs `[1, m, H]`.
+    /// target features) paired with `tokens [m]` at positions `cache.len()..`, appending to
+    /// `cache`. `causal`: new queries see earlier new keys only; otherwise every new key.
+    /// Returns the pre-norm outputs `[1, m, H]`.
     pub fn step_with_cache(
         &self,
         rope: &Rope,
         cache: &mut Eagle3Cache<B>,
         h: Tensor<B, 3>,
         tokens: &[u32],
-        first_position: usize,
         causal: bool,
     ) -> Tensor<B, 3> {
         let device = h.device();
@@ -224,34 +240,29 @@ impl<B: Backend> Eagle3Model<B> {
         } else {
             h
         };
-        let layer = &self.layers[0];
-        let attn = &layer.self_attn;
         let ids = Tensor::<B, 2, Int>::from_data(
             TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, m]),
             &device,
         );
-        let positions = vec![(first_position..first_position + m)
-            .map(|p| p as i64)
-            .collect::<Vec<_>>()];
+        let first = cache.len() as i64;
+        let positions = vec![(first..first + m as i64).collect::<Vec<_>>()];
         let (cos, sin) = rope.tables::<B>(&positions, &device);
-        let x = layer.input(self.embed_tokens.forward(ids), h.clone());
-        let q = attn.queries(x.clone(), &cos, &sin);
-        let (k, v) = attn.keys_values(x, &cos, &sin);
-        let (k, v) = match cache.kv.take() {
-            Some((ck, cv)) => (Tensor::cat(vec![ck, k], 2), Tensor::cat(vec![cv, v], 2)),
-            None => (k, v),
+        let causal_visibility = cache.kv.begin_step(&positions, &device);
+        let visibility = if causal {
+            causal_visibility
+        } else {
+            Visibility::All
         };
-        let past = cache.len;
-        cache.kv = Some((k.clone(), v.clone()));
-        cache.len += m;
-        let visible: Vec<bool> = (0..m)
-            .flat_map(|i| (0..past + m).map(move |j| !causal || j < past || j - past <= i))
-            .collect();
-        let visible = Tensor::<B, 4, burn::tensor::Bool>::from_data(
-            TensorData::new(visible, [1, 1, m, past + m]),
-            &device,
-        );
-        let o = attention(q, k, v, visible, (attn.head_dim as f64).powf(-0.5));
-        layer.finish(h, o)
+        self.layers[0].forward(self.embed_tokens.forward(ids), h, |attn, x| {
+            crate::model::transformer::cached_attention(
+                attn,
+                x,
+                &cos,
+                &sin,
+                &mut cache.kv,
+                0,
+                &visibility,
+            )
+        })
     }
 }

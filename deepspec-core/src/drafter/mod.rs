@@ -10,14 +10,16 @@ pub mod heads;
 pub mod init;
 
 pub use config::{Algorithm, DrafterConfig, MarkovKind};
-pub use dspark::DSparkModel;
+pub use dspark::{BlockDraft, BlockFeatures, BlockInputs, DSparkModel};
 pub use eagle3::Eagle3Model;
 
 use crate::io::safetensors::{write_tensors, Dtype, NamedTensor, SafetensorsCheckpoint};
 use crate::io::{HostTensor, WeightSource};
 use crate::model::attention::SelfAttention;
+use crate::model::embedding::Embedding;
+use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
-use crate::model::to_host;
+use crate::model::{param_from_host, to_host};
 use crate::LoadError;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{backend::Backend, Tensor};
@@ -32,6 +34,26 @@ pub(crate) fn frozen<B: Backend, const D: usize>(
 }
 
 pub(crate) use crate::model::load::{linear as linear_from, rms_norm as norm_from};
+
+/// The frozen copies of the target's embedding and LM head every drafter carries
+/// (`embed_tokens.weight`, `lm_head.weight`, both `[V, H]`).
+pub(crate) fn frozen_embedding_and_head<B: Backend>(
+    src: &dyn WeightSource,
+    config: &DrafterConfig,
+    device: &B::Device,
+) -> Result<(Embedding<B>, Linear<B>), LoadError> {
+    let shape = [config.base.vocab_size, config.base.hidden_size];
+    let load = |key: &str| -> Result<Param<Tensor<B, 2>>, LoadError> {
+        Ok(frozen(param_from_host(
+            src.tensor_shaped(key, &shape)?,
+            device,
+        )))
+    };
+    Ok((
+        Embedding::new(load("embed_tokens.weight")?),
+        Linear::new(load("lm_head.weight")?, None),
+    ))
+}
 
 /// A drafter layer's attention (`<p>.self_attn.*`, with Qwen3's q/k norms) reading
 /// `input_width` features.
@@ -85,6 +107,28 @@ pub(crate) fn mlp_from<B: Backend>(
         up_proj: linear_from(src, &format!("{p}.mlp.up_proj"), i, h, false, device)?,
         down_proj: linear_from(src, &format!("{p}.mlp.down_proj"), h, i, false, device)?,
     })
+}
+
+/// A drafter's output head as the "LM head + loss" seam sees it: draft logits are
+/// `hidden · lm_headᵀ` plus, with a Markov head, `f · markov_w2ᵀ` for the bias features `f`.
+/// The LM head is the target's, frozen.
+#[derive(Debug, Clone)]
+pub struct HeadWeights<B: Backend> {
+    /// `[V, H]`
+    pub lm_head: Tensor<B, 2>,
+    /// `[V, r]`
+    pub markov_w2: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> HeadWeights<B> {
+    pub fn vocab_size(&self) -> usize {
+        self.lm_head.dims()[0]
+    }
+
+    /// `lm_head(hidden)`: `[.., H] -> [.., V]`.
+    pub fn base_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        dspark::head_matmul(hidden, self.lm_head.clone())
+    }
 }
 
 /// A loaded drafter of either family.

@@ -1,52 +1,48 @@
-//! The target's KV cache. Rows of a batch may hold different lengths: every cached key keeps
-//! its position (or -1 once rolled back), and visibility is decided by position, so rows
+//! The one KV cache: the target's, the DSpark/DFlash drafter's context and Eagle3's layer.
+//!
+//! Per layer, keys and values live in a preallocated `[batch, kv_heads, capacity, head_dim]`
+//! buffer written in place (`slice_assign`); when a step does not fit, the capacity doubles.
+//! Rows of a batch may hold different lengths: every slot keeps the position of the key in
+//! it (or -1 once rolled back), and visibility is described by those positions, so rows
 //! append and roll back independently without moving tensors around.
 
-use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
+use super::attention::Visibility;
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
-/// Keys and values of one layer: `[batch, kv_heads, slots, head_dim]`.
-#[derive(Debug, Clone, Default)]
-pub struct LayerCache<B: Backend> {
-    kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
-}
-
-impl<B: Backend> LayerCache<B> {
-    /// Appends this step's keys/values and returns the whole cache.
-    pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let (k, v) = match self.kv.take() {
-            Some((ck, cv)) => (Tensor::cat(vec![ck, k], 2), Tensor::cat(vec![cv, v], 2)),
-            None => (k, v),
-        };
-        self.kv = Some((k.clone(), v.clone()));
-        (k, v)
-    }
-
-    fn keep_slots(&mut self, slots: usize) {
-        if let Some((k, v)) = self.kv.take() {
-            if slots > 0 {
-                self.kv = Some((k.narrow(2, 0, slots), v.narrow(2, 0, slots)));
-            }
-        }
-    }
-}
+/// Slots reserved on a layer's first write (before doubling).
+const INITIAL_CAPACITY: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    pub layers: Vec<LayerCache<B>>,
+    /// Per layer: keys and values `[batch, kv_heads, capacity, head_dim]`, written up to
+    /// `slots()`; `None` until the layer's first write.
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     /// `slot_positions[b][slot]`: the position of the key in that slot, -1 if none.
     slot_positions: Vec<Vec<i64>>,
+    /// Slots of the step being written (`begin_step` .. the layers' appends).
+    step_len: usize,
 }
 
 impl<B: Backend> KvCache<B> {
     pub fn new(num_layers: usize, batch: usize) -> Self {
         KvCache {
-            layers: (0..num_layers).map(|_| LayerCache { kv: None }).collect(),
+            layers: vec![None; num_layers],
             slot_positions: vec![Vec::new(); batch],
+            step_len: 0,
         }
     }
 
     pub fn batch(&self) -> usize {
         self.slot_positions.len()
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Slots in use (the longest row, padding and rolled-back slots included).
+    pub fn slots(&self) -> usize {
+        self.slot_positions.first().map_or(0, Vec::len)
     }
 
     /// Number of tokens cached for row `b` (its next position).
@@ -58,31 +54,55 @@ impl<B: Backend> KvCache<B> {
         (0..self.batch()).all(|b| self.len(b) == 0)
     }
 
-    /// Registers the positions of a step about to be appended (`-1` for padding) and returns
-    /// the visibility mask `[batch, 1, step, slots_after]` for it: a query sees every cached
-    /// or new key whose position is at most its own.
-    pub fn begin_step(
-        &mut self,
-        step_positions: &[Vec<i64>],
-        device: &B::Device,
-    ) -> Tensor<B, 4, Bool> {
+    /// Registers the positions of a step about to be appended (`-1` for padding) and
+    /// describes what it sees: a query sees every cached or new key whose position is at most
+    /// its own.
+    pub fn begin_step(&mut self, step_positions: &[Vec<i64>], device: &B::Device) -> Visibility<B> {
         assert_eq!(step_positions.len(), self.batch(), "step batch size");
         let step = step_positions.first().map_or(0, Vec::len);
         for (row, new) in self.slot_positions.iter_mut().zip(step_positions) {
             assert_eq!(new.len(), step, "ragged step positions");
             row.extend_from_slice(new);
         }
-        let slots = self.slot_positions[0].len();
-        let mut visible = Vec::with_capacity(self.batch() * step * slots);
-        for (row, new) in self.slot_positions.iter().zip(step_positions) {
-            for &q in new {
-                visible.extend(row.iter().map(|&k| q >= 0 && k >= 0 && k <= q));
-            }
+        self.step_len = step;
+        let ints = |rows: &[Vec<i64>], width: usize| {
+            Tensor::<B, 2, Int>::from_data(
+                TensorData::new(rows.concat(), [rows.len(), width]),
+                device,
+            )
+        };
+        Visibility::Causal {
+            query_positions: ints(step_positions, step),
+            key_positions: ints(&self.slot_positions, self.slots()),
         }
-        Tensor::from_data(
-            TensorData::new(visible, [self.batch(), 1, step, slots]),
-            device,
-        )
+    }
+
+    /// Writes layer `layer`'s keys/values of the current step `[batch, kv_heads, step, d]`
+    /// into its slots and returns every slot's keys/values so far.
+    pub fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        assert_eq!(
+            k.dims()[2],
+            self.step_len,
+            "append: keys of the registered step"
+        );
+        self.write_and_read(layer, self.slots() - self.step_len, k, v)
+    }
+
+    /// Every cached slot of `layer` followed by `k`/`v` `[batch, kv_heads, m, d]`, which are
+    /// written past the last slot as scratch: the cache itself does not grow (a DSpark
+    /// block's own keys, attended once and never kept).
+    pub fn with_scratch(
+        &mut self,
+        layer: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        self.write_and_read(layer, self.slots(), k, v)
     }
 
     /// Forgets every key of row `b` at position `len` or later.
@@ -92,25 +112,118 @@ impl<B: Backend> KvCache<B> {
                 *p = -1;
             }
         }
-        self.compact();
-    }
-
-    /// Drops trailing slots that no row uses any more.
-    fn compact(&mut self) {
+        // Trailing slots no row uses any more are free again (the buffers keep their size).
         let used = self
             .slot_positions
             .iter()
             .map(|row| row.iter().rposition(|&p| p >= 0).map_or(0, |i| i + 1))
             .max()
             .unwrap_or(0);
-        let slots = self.slot_positions.first().map_or(0, Vec::len);
-        if used < slots {
-            for row in self.slot_positions.iter_mut() {
-                row.truncate(used);
-            }
-            for layer in self.layers.iter_mut() {
-                layer.keep_slots(used);
-            }
+        for row in self.slot_positions.iter_mut() {
+            row.truncate(used);
         }
+    }
+
+    /// Writes `k`/`v` at slots `at..`, doubling the buffers until they fit.
+    fn write(&mut self, layer: usize, at: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) {
+        let [batch, heads, m, d] = k.dims();
+        let end = at + m;
+        let (ck, cv) = match self.layers[layer].take() {
+            Some((ck, cv)) if ck.dims()[2] >= end => (ck, cv),
+            old => {
+                let mut capacity = old
+                    .as_ref()
+                    .map_or(INITIAL_CAPACITY, |(ck, _)| ck.dims()[2].max(1));
+                while capacity < end {
+                    capacity *= 2;
+                }
+                let device = k.device();
+                let grown =
+                    || Tensor::<B, 4>::zeros([batch, heads, capacity, d], (&device, k.dtype()));
+                let (mut nk, mut nv) = (grown(), grown());
+                if let Some((ok, ov)) = old {
+                    let kept = ok.dims()[2].min(at);
+                    nk =
+                        nk.slice_assign([0..batch, 0..heads, 0..kept, 0..d], ok.narrow(2, 0, kept));
+                    nv =
+                        nv.slice_assign([0..batch, 0..heads, 0..kept, 0..d], ov.narrow(2, 0, kept));
+                }
+                (nk, nv)
+            }
+        };
+        let range = [0..batch, 0..heads, at..end, 0..d];
+        self.layers[layer] = Some((ck.slice_assign(range.clone(), k), cv.slice_assign(range, v)));
+    }
+
+    /// Writes `k`/`v` at slots `at..` and returns slots `0..` up to the last one written.
+    fn write_and_read(
+        &mut self,
+        layer: usize,
+        at: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let end = at + k.dims()[2];
+        self.write(layer, at, k, v);
+        let (k, v) = self.layers[layer].as_ref().expect("layer written");
+        (k.clone().narrow(2, 0, end), v.clone().narrow(2, 0, end))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    type B = Flex;
+
+    fn step(cache: &mut KvCache<B>, positions: &[Vec<i64>], value: f32) -> Vec<f32> {
+        let device = Default::default();
+        let m = positions[0].len();
+        cache.begin_step(positions, &device);
+        let k = Tensor::<B, 4>::full([positions.len(), 1, m, 2], value, &device);
+        let (keys, _) = cache.append(0, k.clone(), k);
+        keys.into_data().into_vec::<f32>().unwrap()
+    }
+
+    /// Appends past the initial capacity keep every earlier key; rollback frees the tail.
+    #[test]
+    fn grows_by_doubling_and_keeps_what_was_written() {
+        let mut cache = KvCache::<B>::new(1, 1);
+        for i in 0..(INITIAL_CAPACITY + 3) {
+            let keys = step(&mut cache, &[vec![i as i64]], i as f32);
+            assert_eq!(keys.len(), (i + 1) * 2);
+            assert!(keys.chunks(2).enumerate().all(|(j, kv)| kv[0] == j as f32));
+        }
+        let buffer = cache.layers[0].as_ref().unwrap().0.dims()[2];
+        assert_eq!(buffer, INITIAL_CAPACITY * 2);
+        cache.truncate(0, 10);
+        assert_eq!(cache.len(0), 10);
+        let keys = step(&mut cache, &[vec![10, 11]], 99.0);
+        assert_eq!(keys.len(), 12 * 2);
+        assert_eq!(&keys[18..], &[9.0, 9.0, 99.0, 99.0, 99.0, 99.0]);
+    }
+
+    /// Rows roll back independently: a row's freed slots read as -1 for visibility.
+    #[test]
+    fn rows_keep_their_own_lengths() {
+        let mut cache = KvCache::<B>::new(1, 2);
+        step(&mut cache, &[vec![0, 1, 2], vec![-1, 0, 1]], 1.0);
+        cache.truncate(0, 1);
+        assert_eq!((cache.len(0), cache.len(1)), (1, 2));
+        assert_eq!(cache.slots(), 3);
+        let Visibility::Causal { key_positions, .. } =
+            cache.begin_step(&[vec![1], vec![2]], &Default::default())
+        else {
+            panic!("causal")
+        };
+        assert_eq!(
+            key_positions
+                .into_data()
+                .convert::<i64>()
+                .into_vec::<i64>()
+                .unwrap(),
+            vec![0, -1, -1, 1, -1, 0, 1, 2]
+        );
     }
 }

@@ -44,6 +44,15 @@ pub fn tensor_from_host<B: Backend, const D: usize>(
     Tensor::from_data(TensorData::new(host.data, host.shape), device)
 }
 
+/// Reads a one-element tensor back to the host.
+pub fn read_scalar<B: Backend>(tensor: Tensor<B, 1>) -> f64 {
+    tensor
+        .into_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .expect("float tensor converts to f64")[0]
+}
+
 /// Reads a tensor back to the host as f32 values.
 pub fn to_host<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> HostTensor {
     let shape = tensor.dims().to_vec();

@@ -1,7 +1,7 @@
 //! The target decoder (Qwen3 / Llama): embedding, decoder layers, final norm, LM head, with
 //! taps on any decoder layer's output — exactly what the reference caches for drafters.
 
-use super::attention::SelfAttention;
+use super::attention::{SelfAttention, Visibility};
 use super::config::TargetConfig;
 use super::kv_cache::KvCache;
 use super::linear::Linear;
@@ -17,6 +17,57 @@ pub struct DecoderLayer<B: Backend> {
     pub self_attn: SelfAttention<B>,
     pub post_attention_layernorm: RmsNorm<B>,
     pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// One pre-norm layer `h [b, s, H] -> [b, s, H]`: `h + o_proj(attend(input_layernorm(h)))`,
+    /// then the MLP block. `attend` turns the layer's attention and its normed input into
+    /// attended heads `[b, heads, s, head_dim]`: it decides where keys and values come from
+    /// (a cache, context features, the block itself) and what each query sees.
+    pub fn forward(
+        &self,
+        h: Tensor<B, 3>,
+        attend: impl FnOnce(&SelfAttention<B>, Tensor<B, 3>) -> Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
+        let attended = attend(&self.self_attn, self.input_layernorm.forward(h.clone()));
+        residual_mlp(
+            h,
+            &self.self_attn,
+            attended,
+            &self.post_attention_layernorm,
+            &self.mlp,
+        )
+    }
+}
+
+/// The second half of every decoder layer (target, DSpark, Eagle3): `h + o_proj(attended)`,
+/// then `+ mlp(post_attention_layernorm(.))`.
+pub fn residual_mlp<B: Backend>(
+    h: Tensor<B, 3>,
+    attn: &SelfAttention<B>,
+    attended: Tensor<B, 4>,
+    post_attention_layernorm: &RmsNorm<B>,
+    mlp: &Mlp<B>,
+) -> Tensor<B, 3> {
+    let h = h + attn.output(attended);
+    h.clone() + mlp.forward(post_attention_layernorm.forward(h))
+}
+
+/// Attention of a step through `cache`'s layer `layer`: the step's keys/values are written
+/// into the cache and the queries attend to every cached key `visibility` allows.
+pub fn cached_attention<B: Backend>(
+    attn: &SelfAttention<B>,
+    x: Tensor<B, 3>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+    cache: &mut KvCache<B>,
+    layer: usize,
+    visibility: &Visibility<B>,
+) -> Tensor<B, 4> {
+    let q = attn.queries(x.clone(), cos, sin);
+    let (k, v) = attn.keys_values(x, cos, sin);
+    let (k, v) = cache.append(layer, k, v);
+    attn.attend(q, k, v, visibility)
 }
 
 /// Which positions get LM-head logits.
@@ -161,22 +212,13 @@ impl<B: Backend> TargetModel<B> {
             );
         }
         let (cos, sin) = rope.tables::<B>(positions, &device);
-        let visible = cache.begin_step(positions, &device);
+        let visibility = cache.begin_step(positions, &device);
         let mut hidden = self.embed(ids);
         let mut tapped: Vec<Option<Tensor<B, 3>>> = vec![None; taps.len()];
         for (i, layer) in self.layers.iter().enumerate() {
-            let attn = layer.self_attn.forward(
-                layer.input_layernorm.forward(hidden.clone()),
-                &cos,
-                &sin,
-                &mut cache.layers[i],
-                visible.clone(),
-            );
-            hidden = hidden + attn;
-            hidden = hidden.clone()
-                + layer
-                    .mlp
-                    .forward(layer.post_attention_layernorm.forward(hidden));
+            hidden = layer.forward(hidden, |attn, x| {
+                cached_attention(attn, x, &cos, &sin, cache, i, &visibility)
+            });
             for (slot, &t) in tapped.iter_mut().zip(taps) {
                 if t == i {
                     *slot = Some(hidden.clone());

@@ -1,15 +1,16 @@
-//! The DSpark / DFlash training step's forward and loss (DEEPSPEC-SPEC §5.4–5.5, §5.7):
+//! The DSpark / DFlash training loss (the reference's `dspark_trainer.py` loss terms):
 //! position-weighted CE, the L1 (total-variation) term against the target's distribution
-//! recomputed from the cached last hidden state, and the confidence BCE with soft labels.
+//! from the cached last hidden state, and the confidence BCE with soft labels. The forward is
+//! the drafter's ([`DSparkModel::block_features`]); the vocabulary goes through the head seam.
 
-use super::head::block_token_losses;
-use super::{float, int3};
-use crate::batch::TrainBatch;
+use super::head::{head_loss, HeadLossBackend, HeadLossInput, HeadMode, HeadPlan};
+use super::{float, int3, DeviceMetrics, Metrics};
+use crate::batch::{Features, TrainBatch};
 use crate::blocks::BlockLayout;
-use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
-use deepspec_core::drafter::DSparkModel;
+use burn::tensor::activation::sigmoid;
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use deepspec_core::drafter::{BlockInputs, DSparkModel};
 use deepspec_core::model::rope::Rope;
-use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DSparkLossConfig {
@@ -31,14 +32,29 @@ pub struct LossTerms {
     pub confidence_den: f64,
 }
 
-/// A ratio metric: `num / den` over a logging window.
-pub type Metrics = BTreeMap<String, (f64, f64)>;
+impl LossTerms {
+    /// The terms inside read metrics (`ce_loss`, `l1_loss`, `confidence_loss`).
+    pub fn from_metrics(metrics: &Metrics) -> Self {
+        let get = |name: &str| metrics.get(name).copied().unwrap_or((0.0, 0.0));
+        let (ce_num, ce_den) = get("ce_loss");
+        let (l1_num, l1_den) = get("l1_loss");
+        let (confidence_num, confidence_den) = get("confidence_loss");
+        LossTerms {
+            ce_num,
+            ce_den,
+            l1_num,
+            l1_den,
+            confidence_num,
+            confidence_den,
+        }
+    }
+}
 
 pub struct DSparkLoss<B: Backend> {
     /// The scalar to back-propagate.
     pub total: Tensor<B, 1>,
-    pub terms: LossTerms,
-    pub metrics: Metrics,
+    /// The reference's metrics (the loss terms included), still on the device.
+    pub metrics: DeviceMetrics<B>,
 }
 
 pub fn slot_weight(j: usize, gamma: Option<f64>) -> f64 {
@@ -48,91 +64,37 @@ pub fn slot_weight(j: usize, gamma: Option<f64>) -> f64 {
     }
 }
 
-fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("f32 tensor")
-}
-
-/// Forward and loss of one micro-batch laid out as `layout`.
-pub fn dspark_loss<B: Backend>(
+/// Forward and loss of one micro-batch laid out as `layout`; `chunk_rows` tokens go through
+/// the LM head at a time (`None`: sized for the vocabulary).
+pub fn dspark_loss<B: HeadLossBackend>(
     model: &DSparkModel<B>,
     rope: &Rope,
     batch: &TrainBatch,
+    features: &Features<B>,
     layout: &BlockLayout,
     config: &DSparkLossConfig,
+    chunk_rows: Option<usize>,
 ) -> DSparkLoss<B> {
-    let device = model.fc.weight.device();
+    let device = model.device();
     let (b, len) = (batch.batch(), batch.seq_len());
     let (nb, bs) = (layout.num_blocks, layout.block_size);
-    let slots = nb * bs;
-    let n = b * slots;
-    let hidden = model.lm_head.in_features();
-    let ctx_width = batch.target_hidden.shape[2];
+    let n = b * nb * bs;
+    let hidden = model.hidden_size();
 
-    let context = model.context(float(
-        batch.target_hidden.data.clone(),
-        [b, len, ctx_width],
-        &device,
-    ));
-    let block_tokens = Tensor::<B, 2, Int>::from_data(
-        TensorData::new(layout.block_tokens.concat(), [b, slots]),
-        &device,
-    );
-    let visible_flat: Vec<bool> = layout.visible.iter().flatten().flatten().copied().collect();
-    let visible = Tensor::<B, 4, Bool>::from_data(
-        TensorData::new(visible_flat, [b, 1, slots, len + slots]),
-        &device,
-    );
-    let out: Tensor<B, 4> = model
-        .backbone(rope, context, block_tokens, &layout.positions, visible)
-        .reshape([b, nb, bs, hidden]);
-
-    let prev = int3::<B>(&layout.prev_tokens, &device);
-    let markov = model
-        .markov_head
-        .as_ref()
-        .map(|head| head.features(prev, out.clone()));
-    let (features, head) = match (&model.markov_head, &markov) {
-        (Some(h), Some(m)) => (
-            Tensor::cat(vec![out.clone(), m.bias_features.clone()], 3),
-            Tensor::cat(
-                vec![model.lm_head.weight.val(), h.markov_w2.weight.val()],
-                1,
-            ),
-        ),
-        _ => (out.clone(), model.lm_head.weight.val()),
+    let ints2 = |rows: &[Vec<i64>]| {
+        let width = rows.first().map_or(0, Vec::len);
+        Tensor::<B, 2, Int>::from_data(TensorData::new(rows.concat(), [rows.len(), width]), &device)
     };
-    let width = features.dims()[3];
-
-    // The target's distribution for each slot, from the cached post-norm hidden state.
-    let mut target_rows = Vec::with_capacity(n * hidden);
-    for (row, per_row) in layout.target_rows.iter().enumerate() {
-        for &p in per_row.iter().flatten() {
-            let at = (row * len + p) * hidden;
-            target_rows.extend_from_slice(&batch.target_last_hidden.data[at..at + hidden]);
-        }
-    }
-    let target_ids = Tensor::<B, 1, Int>::from_data(
-        TensorData::new(
-            layout
-                .target_ids
-                .iter()
-                .flatten()
-                .flatten()
-                .copied()
-                .collect::<Vec<_>>(),
-            [n],
-        ),
-        &device,
-    );
-    let losses = block_token_losses(
-        features.reshape([n, width]),
-        head,
-        float(target_rows, [n, hidden], &device),
-        model.lm_head.weight.val(),
-        target_ids,
+    let blocks = model.block_features(
+        rope,
+        features.target_hidden.clone(),
+        &BlockInputs {
+            tokens: ints2(&layout.block_tokens),
+            positions: &layout.positions,
+            anchors: ints2(&layout.anchors),
+            prev_tokens: int3::<B>(&layout.prev_tokens, &device),
+            window: None,
+        },
     );
 
     let weights: Vec<f32> = layout
@@ -150,134 +112,138 @@ pub fn dspark_loss<B: Backend>(
         })
         .collect();
     let weight_sum: f64 = weights.iter().map(|&w| w as f64).sum();
-    let w = float::<B, 1>(weights.clone(), [n], &device);
     let denom = weight_sum + 1e-6;
+    let w = float::<B, 1>(weights.clone(), [n], &device);
 
-    let ce_num = (w.clone() * losses.ce.clone()).sum();
-    let mut total = ce_num.clone() * (config.ce_alpha / denom);
-    let mut terms = LossTerms {
-        ce_num: host_f32(ce_num)[0] as f64,
-        ce_den: weight_sum,
-        ..Default::default()
-    };
+    // The target's distribution for each slot comes from the cached post-norm hidden state
+    // at the row where the target predicted the slot's label.
+    let target_of: Vec<usize> = layout
+        .target_rows
+        .iter()
+        .enumerate()
+        .flat_map(|(row, per_row)| per_row.iter().flatten().map(move |&p| row * len + p))
+        .collect();
+    let head = model.head();
+    let plan = HeadPlan::weighted(&target_of, &weights, chunk_rows, head.vocab_size());
+    let with_l1 = config.l1_alpha > 0.0 && weight_sum > 0.0;
+    let labels = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(
+            layout
+                .target_ids
+                .iter()
+                .flatten()
+                .flatten()
+                .copied()
+                .collect::<Vec<_>>(),
+            [n],
+        ),
+        &device,
+    );
+    let r = blocks.markov.as_ref().map_or(0, |m| m.dims()[3]);
+    let losses = head_loss(
+        HeadLossInput {
+            hidden: blocks.hidden.clone().reshape([n, hidden]),
+            markov: blocks.markov.clone().map(|m| m.reshape([n, r])),
+            head,
+            target_hidden: features
+                .target_last_hidden
+                .clone()
+                .reshape([b * len, hidden]),
+            labels: Some(labels),
+            loss_weight: w.clone() * (config.ce_alpha / denom),
+            l1_weight: with_l1.then(|| w.clone() * (config.l1_alpha / denom)),
+            mode: HeadMode::Labels,
+        },
+        &plan,
+    );
+    let mut total = losses.total;
+    let ce: Tensor<B, 1> = losses.per_token.clone().narrow(1, 0, 1).reshape([n]);
+    let l1: Tensor<B, 1> = losses.per_token.narrow(1, 1, 1).reshape([n]);
+
+    let mut metrics = DeviceMetrics::default();
+    metrics.add("ce_loss", (w.clone() * ce).sum(), weight_sum);
     if config.l1_alpha > 0.0 {
-        let l1_num = (w.clone() * losses.l1.clone()).sum();
-        terms.l1_num = host_f32(l1_num.clone())[0] as f64;
-        terms.l1_den = weight_sum;
-        if weight_sum > 0.0 {
-            total = total + l1_num * (config.l1_alpha / denom);
-        }
+        metrics.add("l1_loss", (w.clone() * l1.clone()).sum(), weight_sum);
     }
-    let accept = (losses.l1.clone().detach() * -0.5 + 1.0).clamp(0.0, 1.0);
-    let mut confidence_host = None;
-    if let Some(conf_head) = &model.confidence_head {
-        let e = markov
-            .as_ref()
-            .filter(|_| conf_head.proj.in_features() > hidden)
-            .map(|m| m.prev_embedding.clone());
-        let z: Tensor<B, 1> = conf_head.forward::<4, 3>(out, e).reshape([n]);
+    let accept = (l1 * -0.5 + 1.0).clamp(0.0, 1.0);
+    let mut confidence = None;
+    if let Some(z) = blocks.confidence {
+        let z: Tensor<B, 1> = z.reshape([n]);
         // BCE with logits, stable form: max(z, 0) - z·y + log(1 + exp(-|z|)).
         let bce = z.clone().clamp_min(0.0) - z.clone() * accept.clone()
             + (z.clone().abs().neg().exp() + 1.0).log();
-        let conf_num = (w * bce).sum();
-        terms.confidence_num = host_f32(conf_num.clone())[0] as f64;
-        terms.confidence_den = weight_sum;
+        let conf_num = (w.clone() * bce).sum();
+        metrics.add("confidence_loss", conf_num.clone(), weight_sum);
         total = total + conf_num * (config.confidence_alpha / denom);
-        confidence_host = Some(host_f32(z));
+        confidence = Some(sigmoid(z.detach()));
     }
-    let metrics = block_metrics(
-        layout,
-        &host_f32(accept),
-        confidence_host.as_deref(),
-        &weights,
-        &terms,
-        config,
-    );
-    DSparkLoss {
-        total,
-        terms,
-        metrics,
-    }
+    block_metrics(&mut metrics, layout, accept, confidence, w, weight_sum);
+    DSparkLoss { total, metrics }
 }
 
-fn sigmoid(x: f32) -> f64 {
-    1.0 / (1.0 + (-(x as f64)).exp())
-}
-
-/// The reference's training metrics for one micro-batch, as (numerator, denominator).
-fn block_metrics(
+/// The reference's per-position training metrics, computed on the device: acceptance per
+/// slot, expected accepted length `τ` per block, and how well the confidence head tracks
+/// acceptance (per slot and as a cumulative product).
+fn block_metrics<B: Backend>(
+    metrics: &mut DeviceMetrics<B>,
     layout: &BlockLayout,
-    accept: &[f32],
-    confidence: Option<&[f32]>,
-    weights: &[f32],
-    terms: &LossTerms,
-    config: &DSparkLossConfig,
-) -> Metrics {
-    let mut m = Metrics::new();
-    let mut add = |name: String, num: f64, den: f64| {
-        let e = m.entry(name).or_insert((0.0, 0.0));
-        e.0 += num;
-        e.1 += den;
-    };
-    add("ce_loss".into(), terms.ce_num, terms.ce_den);
-    if config.l1_alpha > 0.0 {
-        add("l1_loss".into(), terms.l1_num, terms.l1_den);
-    }
-    if confidence.is_some() {
-        add(
-            "confidence_loss".into(),
-            terms.confidence_num,
-            terms.confidence_den,
-        );
-    }
+    accept: Tensor<B, 1>,
+    confidence: Option<Tensor<B, 1>>,
+    weights: Tensor<B, 1>,
+    weight_sum: f64,
+) {
+    let device = accept.device();
     let bs = layout.block_size;
-    let mut slot = 0;
-    for blocks in &layout.eval_mask {
-        // Slot 0 of a kept block is always supervised (its anchor is a candidate).
-        let kept = blocks.iter().filter(|b| b[0]).count();
-        let supervised: usize = blocks
-            .iter()
-            .map(|b| b.iter().filter(|&&e| e).count())
-            .sum();
-        for block in blocks {
-            let mut survive = 1.0;
-            let mut conf_survive = 1.0;
-            let mut tau = 1.0;
-            for (j, &eval) in block.iter().enumerate() {
-                let a = accept[slot + j] as f64;
-                if eval {
-                    add(format!("accept_rate@{j}"), a, 1.0);
-                    survive *= a;
-                    tau += survive;
-                    if let Some(z) = confidence {
-                        let c = sigmoid(z[slot + j]);
-                        let w = weights[slot + j] as f64;
-                        conf_survive *= c;
-                        add("confidence_abs_error".into(), w * (c - a).abs(), w);
-                        add("confidence_bias".into(), w * (c - a), w);
-                        add(
-                            "confidence_cumprod_bias".into(),
-                            w * (conf_survive - survive),
-                            w,
-                        );
-                    }
-                }
-            }
-            if block[0] {
-                add("tau_probabilistic".into(), tau, 1.0);
-            }
-            slot += bs;
+    let blocks = layout.eval_mask.iter().map(Vec::len).sum::<usize>();
+    let eval_host: Vec<f32> = layout
+        .eval_mask
+        .iter()
+        .flatten()
+        .flatten()
+        .map(|&e| e as u8 as f32)
+        .collect();
+    let eval = float::<B, 2>(eval_host.clone(), [blocks, bs], &device);
+    let accept = accept.reshape([blocks, bs]) * eval.clone();
+    // Supervision is a prefix of each block, so a slot's survival is the plain cumulative
+    // product up to it.
+    let survive = accept.clone().cumprod(1) * eval.clone();
+    for j in 0..bs {
+        let count = eval_host.iter().skip(j).step_by(bs).sum::<f32>() as f64;
+        if count > 0.0 {
+            metrics.add(
+                format!("accept_rate@{j}"),
+                accept.clone().narrow(1, j, 1).sum(),
+                count,
+            );
         }
-        add(
-            "block_supervised_tokens_abs".into(),
-            supervised as f64 / kept.max(1) as f64,
-            1.0,
+    }
+    let kept = eval_host.iter().step_by(bs).sum::<f32>() as f64;
+    if kept > 0.0 {
+        metrics.add("tau_probabilistic", survive.clone().sum() + kept, kept);
+    }
+    if let Some(c) = confidence {
+        let c = c.reshape([blocks, bs]) * eval.clone();
+        let w = weights.reshape([blocks, bs]);
+        let conf_survive = c.clone().cumprod(1) * eval;
+        let a = accept;
+        metrics.add(
+            "confidence_abs_error",
+            (w.clone() * (c.clone() - a.clone()).abs()).sum(),
+            weight_sum,
         );
-        add(
-            "block_supervised_tokens_ratio".into(),
-            supervised as f64 / kept.max(1) as f64 / bs as f64,
-            1.0,
+        metrics.add("confidence_bias", (w.clone() * (c - a)).sum(), weight_sum);
+        metrics.add(
+            "confidence_cumprod_bias",
+            (w * (conf_survive - survive)).sum(),
+            weight_sum,
         );
     }
-    m
+    for row in &layout.eval_mask {
+        // Slot 0 of a kept block is always supervised (its anchor is a candidate).
+        let kept = row.iter().filter(|b| b[0]).count();
+        let supervised: usize = row.iter().map(|b| b.iter().filter(|&&e| e).count()).sum();
+        let per_block = supervised as f64 / kept.max(1) as f64;
+        metrics.add_host("block_supervised_tokens_abs", per_block, 1.0);
+        metrics.add_host("block_supervised_tokens_ratio", per_block / bs as f64, 1.0);
+    }
 }

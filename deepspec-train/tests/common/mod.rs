@@ -31,6 +31,7 @@ pub fn settings(steps: usize) -> TrainSettings {
             confidence_alpha: 1.0,
             decay_gamma: Some(4.0),
         },
+        head_chunk_tokens: None,
         tensorboard_dir: None,
         stop_after: None,
         show_progress: false,
