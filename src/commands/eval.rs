@@ -250,8 +250,8 @@ impl OnBackend for EvalArgs {
             if self.calibrate {
                 let path = self.drafter.join("calibration.json");
                 let body = serde_json::json!({"method": "sequential_temperature_scaling", "temperatures": temperatures});
-                std::fs::write(&path, serde_json::to_string_pretty(&body)? + "\n")
-                    .with_context(|| format!("writing {}", path.display()))?;
+                let text = serde_json::to_string_pretty(&body)? + "\n";
+                deepspec_core::io::atomic::write_atomically(&path, text.as_bytes())?;
                 eprintln!("wrote {}", path.display());
             }
         } else if self.calibrate {

@@ -18,9 +18,10 @@ pub mod target_pass;
 pub use plan::{estimate, Estimate, PrepareOptions, PromptSource};
 pub use prompts::{Conversation, OnBadLine};
 
-use crate::cache::manifest::{shard_file_name, write_atomically};
+use crate::cache::manifest::shard_file_name;
 use crate::cache::{Manifest, ShardEntry, ShardWriter};
 use crate::generate::GenerateParams;
+use crate::io::atomic::write_atomically;
 use crate::io::chat::{tokenize_conversation, ChatTemplate};
 use crate::model::load_target;
 use answer::AnswerSettings;
