@@ -118,7 +118,7 @@ impl OnBackend for TrainBench {
         let spec = DrafterSpec {
             algorithm,
             num_draft_layers: layers,
-            target_layer_ids: taps.clone(),
+            target_layer_ids: deepspec_core::layers::TargetLayerIds::new(taps.clone())?,
             block_size: 7,
             mask_token_id: (target.vocab_size - 1) as u32,
             num_anchors: self.anchors,
@@ -394,11 +394,7 @@ impl OnBackend for EvalBench {
             temperature: self.temperature,
             confidence_threshold: 0.0,
             stop_ids: target.tokenizer.eos_ids.clone(),
-            target_layer_ids: config
-                .target_layer_ids
-                .iter()
-                .map(|&l| l as usize)
-                .collect(),
+            target_layer_ids: config.target_layer_ids.to_vec(),
         };
         let prompts: Vec<Vec<u32>> = set
             .samples

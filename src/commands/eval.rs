@@ -140,11 +140,7 @@ impl OnBackend for EvalArgs {
             temperature,
             confidence_threshold,
             stop_ids: target.tokenizer.eos_ids.clone(),
-            target_layer_ids: config
-                .target_layer_ids
-                .iter()
-                .map(|&l| l as usize)
-                .collect(),
+            target_layer_ids: config.target_layer_ids.to_vec(),
         };
         let mut report = Report {
             macro_tau: 0.0,

@@ -4,7 +4,7 @@ use crate::device::{dispatch, DeviceKind, OnBackend};
 use anyhow::{bail, Context};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use deepspec_core::backend::{precision_dtype, set_compute_dtype};
+use deepspec_core::backend::{set_compute_dtype, Precision};
 use deepspec_core::cache::reader::CacheReader;
 use deepspec_core::drafter::init::{new_drafter, DrafterSpec};
 use deepspec_core::drafter::{Algorithm, MarkovKind};
@@ -163,7 +163,9 @@ impl OnBackend for TrainArgs {
         let recipe = Recipe::load_with(&recipe_path, &self.overrides)?;
         // The recipe's precision is the compute dtype on whichever device runs it; the
         // optimizer keeps f32 masters and moments for anything narrower.
-        set_compute_dtype::<B>(&device, precision_dtype(&recipe.train.precision)?)
+        let precision =
+            Precision::from_name(&recipe.train.precision).context("validated with the recipe")?;
+        set_compute_dtype::<B>(&device, precision.dtype())
             .with_context(|| format!("{}: train.precision", recipe_path.display()))?;
         let cache_dir = match (&self.cache, &recipe.data.target_cache_path) {
             (Some(c), _) | (None, Some(c)) => c.clone(),

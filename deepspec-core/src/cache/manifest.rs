@@ -7,6 +7,7 @@
 use super::schema::HiddenDtype;
 use super::CacheError;
 use crate::io::atomic::write_atomically;
+use crate::layers::TargetLayerIds;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -77,7 +78,8 @@ pub struct Manifest {
     pub target: TargetIdentity,
     /// SHA-256 of the tokenizer's serialized JSON.
     pub tokenizer_sha256: Option<String>,
-    pub target_layer_ids: Vec<usize>,
+    /// Shape-checked when read; against `target.num_layers` too when the target is known.
+    pub target_layer_ids: TargetLayerIds,
     pub hidden_size: usize,
     pub hidden_dtype: HiddenDtype,
     pub token_dtype: String,
@@ -106,6 +108,9 @@ impl Manifest {
                 "is missing: this is a reference DeepSpec cache (binary shards + samples.idx); convert it with `deepspec cache import-deepspec SRC DST`",
             ));
         }
+        // Read first on its own so a bad id names the field rather than "(manifest)".
+        let layers: TargetLayerIds = serde_json::from_value(value["target_layer_ids"].clone())
+            .map_err(|e| CacheError::field(&path, "target_layer_ids", e.to_string()))?;
         let manifest: Manifest = serde_json::from_value(value).map_err(|e| {
             CacheError::field(
                 &path,
@@ -132,6 +137,15 @@ impl Manifest {
                     manifest.version
                 ),
             ));
+        }
+        if let Some(n) = manifest.target.num_layers {
+            layers.check(n).map_err(|e| {
+                CacheError::field(
+                    &path,
+                    "target_layer_ids",
+                    format!("{e} (target.num_layers = {n})"),
+                )
+            })?;
         }
         Ok(manifest)
     }

@@ -4,6 +4,7 @@
 use super::schema::{self, EncodedHidden, HiddenDtype};
 use super::{CacheError, CacheSample};
 use crate::io::atomic::PendingFile;
+use crate::layers::TargetLayerIds;
 use arrow_array::builder::{BooleanBuilder, Float32Builder, Int32Builder, ListBuilder};
 use arrow_array::{ArrayRef, BinaryArray, RecordBatch, UInt64Array};
 use arrow_schema::SchemaRef;
@@ -28,7 +29,7 @@ pub const SHARD_METADATA_KEY: &str = "deepspec.cache";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardLayout {
     pub hidden_size: usize,
-    pub target_layer_ids: Vec<usize>,
+    pub target_layer_ids: TargetLayerIds,
     pub hidden_dtype: HiddenDtype,
 }
 
