@@ -97,7 +97,6 @@ impl OnBackend for TrainBench {
         use deepspec_core::drafter::{Algorithm, MarkovKind};
         use deepspec_core::sampling::Rng;
         use deepspec_train::data::{collate, Sample};
-        use deepspec_train::loss::dspark::DSparkLossConfig;
         use deepspec_train::optim::{AdamW, AdamWConfig};
         type AB<B> = Autodiff<B>;
         let target = preset_config(self.preset);
@@ -151,39 +150,7 @@ impl OnBackend for TrainBench {
             target_last_hidden: normal(&mut rng, len * h),
         };
         let batch = collate(&[sample], (taps.len() * h, h), len);
-        let settings = deepspec_train::trainer::TrainSettings {
-            lr: 6e-4,
-            warmup_ratio: 0.0,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            local_batch_size: 1,
-            global_batch_size: 1,
-            num_train_epochs: 1,
-            max_train_steps: Some(1),
-            logging_steps: 10,
-            checkpointing_steps: 1000,
-            keep_last: 1,
-            seed: 0,
-            max_length: len,
-            dspark_loss: if algorithm == Algorithm::DSpark {
-                DSparkLossConfig {
-                    ce_alpha: 0.1,
-                    l1_alpha: 0.9,
-                    confidence_alpha: 1.0,
-                    decay_gamma: Some(4.0),
-                }
-            } else {
-                DSparkLossConfig {
-                    ce_alpha: 1.0,
-                    l1_alpha: 0.0,
-                    confidence_alpha: 0.0,
-                    decay_gamma: Some(4.0),
-                }
-            },
-            tensorboard_dir: None,
-            stop_after: None,
-            show_progress: false,
-        };
+        let settings = deepspec_train::plan::bench_settings(algorithm, len);
         let mut optim = AdamW::<AB<B>>::new(AdamWConfig::default());
         let mut anchor_rng = Rng::new(7);
         let mut times = Vec::new();
