@@ -112,7 +112,12 @@ pub fn prepare<B: Backend>(
         })?;
     let template = ChatTemplate::for_tokenizer(&target.tokenizer)
         .context("compiling the model's chat template")?;
-    let stop_ids = answer::stop_ids(&target, &planned.format, &recipe.prepare.stop_tokens)?;
+    let stop_ids = crate::generate::stop_ids(
+        &target.tokenizer,
+        Some(&planned.format),
+        &recipe.prepare.stop_tokens,
+    )
+    .with_context(|| opts.recipe_path.display().to_string())?;
     let p = &recipe.prepare;
     let settings = AnswerSettings {
         params: GenerateParams {
