@@ -339,37 +339,43 @@ impl OnBackend for EvalBench {
         use deepspec_core::io::chat::{ChatTemplate, Message};
         use deepspec_core::sampling::Rng;
         use deepspec_core::sampling::Sampler;
-        use deepspec_eval::engine::{decode, decode_batch, DecodeParams};
+        use deepspec_eval::engine::{decode, decode_batch};
+        use deepspec_eval::plan::{EvalChoices, EvalPlan};
         use deepspec_eval::proposer::{NoDraft, Proposer};
-        let recipe = deepspec_core::recipe::Recipe::load(&crate::commands::train::resolve_recipe(
-            &self.recipe,
-        ))?;
-        let target = load_target::<B>(&recipe.model.target_model_name_or_path, &device)?;
+        let recipe_path = crate::commands::train::resolve_recipe(&self.recipe);
+        let recipe = deepspec_core::recipe::Recipe::load(&recipe_path)?;
+        let plan = EvalPlan::from_recipe(
+            Some((&recipe_path, &recipe)),
+            EvalChoices {
+                sets: vec![self.set.clone()],
+                limit: Some(self.prompts),
+                temperature: Some(self.temperature),
+                max_new_tokens: Some(self.max_new_tokens),
+                // Full blocks: the speed-up of the drafter itself, not of a tuned threshold.
+                confidence_threshold: Some(0.0),
+                batch_size: self.batch_size,
+                ..Default::default()
+            },
+        )?;
+        let target = load_target::<B>(&plan.target, &device)?;
         let (drafter, config) = Drafter::<B>::load(&self.drafter, &device)?;
-        config.check_target(&target.config, &recipe.model.target_model_name_or_path)?;
+        config.check_target(&target.config, &plan.target)?;
         let template = ChatTemplate::for_tokenizer(&target.tokenizer)?;
         let set = deepspec_eval::datasets::read_jsonl(
             &self.set,
             &self.datasets.join(format!("{}.jsonl", self.set)),
-            deepspec_eval::datasets::Selection {
-                seed: 980_406,
-                limit: Some(self.prompts),
-            },
+            plan.selection(),
         )?;
-        let params = DecodeParams {
-            max_new_tokens: self.max_new_tokens,
-            temperature: self.temperature,
-            confidence_threshold: 0.0,
-            stop_ids: target.tokenizer.eos_ids.clone(),
-            target_layer_ids: config.target_layer_ids.to_vec(),
-        };
+        let params = plan.decode_params(&target.tokenizer, &template, &config)?;
         let prompts: Vec<Vec<u32>> = set
             .samples
             .iter()
             .map(|s| {
-                let text =
-                    template.render(&[Message::new("user", &s.turns[0])], true, Some(false))?;
-                Ok(target.tokenizer.encode(&text)?)
+                deepspec_eval::runner::turn_prompt(
+                    &template,
+                    &target.tokenizer,
+                    &[Message::new("user", &s.turns[0])],
+                )
             })
             .collect::<anyhow::Result<_>>()?;
         // Warm up both paths once.
