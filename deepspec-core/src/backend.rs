@@ -15,13 +15,49 @@ pub type CudaF32 = burn::backend::Cuda<f32>;
 #[cfg(feature = "cuda")]
 pub type CudaBf16 = burn::backend::Cuda<half::bf16>;
 
-/// The float dtype a recipe's `train.precision` asks for (`bf16`, `fp16` or `fp32`).
-pub fn precision_dtype(precision: &str) -> anyhow::Result<FloatDType> {
-    match precision {
-        "bf16" => Ok(FloatDType::BF16),
-        "fp16" => Ok(FloatDType::F16),
-        "fp32" => Ok(FloatDType::F32),
-        other => anyhow::bail!("precision `{other}` is not one of bf16, fp16, fp32"),
+/// A recipe's `train.precision`: the compute dtype of a training run on any device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Bf16,
+    Fp16,
+    Fp32,
+}
+
+impl Precision {
+    /// `bf16`, `fp16` or `fp32`, as the reference's configs write it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "bf16" => Some(Precision::Bf16),
+            "fp16" => Some(Precision::Fp16),
+            "fp32" => Some(Precision::Fp32),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+            Precision::Fp32 => "fp32",
+        }
+    }
+
+    /// The float dtype tensors are created in.
+    pub fn dtype(self) -> FloatDType {
+        match self {
+            Precision::Bf16 => FloatDType::BF16,
+            Precision::Fp16 => FloatDType::F16,
+            Precision::Fp32 => FloatDType::F32,
+        }
+    }
+
+    /// The drafter checkpoint's `config.json` `dtype`: `float32` for fp32 runs, `bfloat16`
+    /// otherwise (fp16 runs too: the reference's checkpoints are never float16).
+    pub fn checkpoint_dtype(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "float32",
+            Precision::Bf16 | Precision::Fp16 => "bfloat16",
+        }
     }
 }
 

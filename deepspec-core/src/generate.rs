@@ -2,6 +2,8 @@
 //! lengths. Each row draws from its own seeded generator, so a row's output does not depend
 //! on which other rows share its batch.
 
+use crate::io::chat::TurnFormat;
+use crate::io::tokenizer::Tok;
 use crate::model::rope::Rope;
 use crate::model::{KvCache, LoadedTarget, LogitsFor, TargetModel};
 use crate::sampling::{sample, Rng, SamplingParams};
@@ -15,6 +17,34 @@ pub struct GenerateParams {
     pub stop_ids: Vec<u32>,
 }
 
+/// A recipe stop string that is not one token of the target's vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("recipe field `prepare.stop_tokens`: `{0}` is not a single token of the target's vocabulary (list token strings such as `<|im_end|>`)")]
+pub struct StopTokenError(pub String);
+
+/// The ids that end a generated answer, sorted: the tokenizer's end-of-sequence ids, the
+/// chat format's end-of-turn token when it is a single token (a template may end turns with
+/// a token the tokenizer does not call end-of-sequence), and `stop_tokens`, the recipe's
+/// `prepare.stop_tokens`. Answer regeneration, evaluation and `deepspec generate` all stop
+/// on this set, so a drafter is evaluated on answers that end where its training answers
+/// ended.
+pub fn stop_ids(
+    tok: &Tok,
+    format: Option<&TurnFormat>,
+    stop_tokens: &[String],
+) -> Result<Vec<u32>, StopTokenError> {
+    let mut ids = tok.eos_ids.clone();
+    if let Some(id) = format.and_then(|f| tok.token_id(f.end_of_turn.trim_end())) {
+        ids.push(id);
+    }
+    for s in stop_tokens {
+        ids.push(tok.token_id(s).ok_or_else(|| StopTokenError(s.clone()))?);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
 /// Last-position logits of each row, on the host.
 fn last_logits<B: Backend>(
     model: &TargetModel<B>,
@@ -23,16 +53,7 @@ fn last_logits<B: Backend>(
     cache: &mut KvCache<B>,
 ) -> Vec<Vec<f32>> {
     let out = model.step(rope, tokens, cache, &[], LogitsFor::Last);
-    let logits = out.logits.expect("logits requested");
-    let [batch, _, vocab] = logits.dims();
-    let flat = logits
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("f32 logits");
-    (0..batch)
-        .map(|b| flat[b * vocab..(b + 1) * vocab].to_vec())
-        .collect()
+    crate::model::host_rows(out.logits.expect("logits requested"))
 }
 
 /// Generates a continuation for every prompt. `rngs[b]` drives row `b`; `on_token(b, id)` is

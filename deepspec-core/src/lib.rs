@@ -11,6 +11,7 @@ pub mod error;
 pub mod fixtures;
 pub mod generate;
 pub mod io;
+pub mod layers;
 pub mod model;
 pub mod prepare;
 pub mod recipe;

@@ -7,7 +7,10 @@
 //! ours. Unknown keys are errors that name the key, so a typo never silently falls back to a
 //! default.
 
+use crate::backend::Precision;
 use crate::cache::HiddenDtype;
+use crate::drafter::{Algorithm, MarkovKind};
+use crate::layers::TargetLayerIds;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -66,8 +69,9 @@ fn default_seed() -> u64 {
 pub struct ModelSection {
     /// A `.gguf` file or a Hugging Face folder, relative to the current directory.
     pub target_model_name_or_path: PathBuf,
-    /// Decoder layers whose outputs are cached, strictly increasing, each below the last layer.
-    pub target_layer_ids: Vec<usize>,
+    /// Decoder layers whose outputs are cached, strictly increasing, each below the last layer
+    /// (checked against the target by [`Recipe::check_layers`]).
+    pub target_layer_ids: TargetLayerIds,
     /// `dspark`, `dflash` or `eagle3` (the reference picks this through `train.trainer_cls`
     /// and the model fields).
     #[serde(default = "default_algorithm")]
@@ -386,7 +390,7 @@ impl Recipe {
         }
         let recipe: Recipe = toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+            .map_err(|e: toml::de::Error| value_error(path, e))?;
         recipe.validate(path)?;
         Ok(recipe)
     }
@@ -402,19 +406,6 @@ impl Recipe {
             field: field.into(),
             detail,
         };
-        let layers = &self.model.target_layer_ids;
-        if layers.is_empty() {
-            return Err(invalid(
-                "model.target_layer_ids",
-                "must list at least one layer".into(),
-            ));
-        }
-        if layers.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(invalid(
-                "model.target_layer_ids",
-                format!("{layers:?} must be strictly increasing"),
-            ));
-        }
         if let Some(name) = &self.data.chat_template {
             if crate::io::chat::TurnFormat::by_name(name).is_none() {
                 return Err(invalid(
@@ -427,8 +418,8 @@ impl Recipe {
             return Err(invalid("data.max_length", "must be positive".into()));
         }
         let m = &self.model;
-        match m.algorithm.as_str() {
-            "dspark" | "dflash" => {
+        match Algorithm::from_name(&m.algorithm) {
+            Some(Algorithm::DSpark | Algorithm::DFlash) => {
                 if m.block_size == 0 {
                     return Err(invalid("model.block_size", "must be positive".into()));
                 }
@@ -436,7 +427,7 @@ impl Recipe {
                     return Err(invalid("model.num_anchors", "must be positive".into()));
                 }
             }
-            "eagle3" => {
+            Some(Algorithm::Eagle3) => {
                 if m.draft_num_hidden_layers != 1 {
                     return Err(invalid(
                         "model.draft_num_hidden_layers",
@@ -447,24 +438,21 @@ impl Recipe {
                     return Err(invalid("model.ttt_length", "must be positive".into()));
                 }
             }
-            other => {
+            None => {
                 return Err(invalid(
                     "model.algorithm",
-                    format!("`{other}` is not one of dspark, dflash, eagle3"),
+                    format!("`{}` is not one of dspark, dflash, eagle3", m.algorithm),
                 ))
             }
         }
-        if !matches!(
-            m.markov_head_type.to_ascii_lowercase().as_str(),
-            "vanilla" | "gated" | "rnn"
-        ) {
+        if MarkovKind::from_name(&m.markov_head_type).is_none() {
             return Err(invalid(
                 "model.markov_head_type",
                 format!("`{}` is not one of vanilla, gated, rnn", m.markov_head_type),
             ));
         }
         let t = &self.train;
-        if !matches!(t.precision.as_str(), "bf16" | "fp16" | "fp32") {
+        if Precision::from_name(&t.precision).is_none() {
             return Err(invalid(
                 "train.precision",
                 format!("`{}` is not one of bf16, fp16, fp32", t.precision),
@@ -519,22 +507,33 @@ impl Recipe {
     /// Checks the layer ids against the loaded target: each must be a decoder layer other than
     /// the last (the last layer's output is the final hidden state, cached separately).
     pub fn check_layers(&self, path: &Path, num_layers: usize) -> Result<(), RecipeError> {
-        if let Some(&bad) = self
-            .model
+        self.model
             .target_layer_ids
-            .iter()
-            .find(|&&l| l + 1 >= num_layers)
-        {
-            return Err(RecipeError::Invalid {
+            .check(num_layers)
+            .map_err(|e| RecipeError::Invalid {
                 path: path.to_path_buf(),
                 field: "model.target_layer_ids".into(),
-                detail: format!(
-                    "layer {bad} is out of range: the target has {num_layers} decoder layers, so ids must be below {}",
-                    num_layers.saturating_sub(1)
-                ),
-            });
+                detail: e.to_string(),
+            })
+    }
+}
+
+/// A recipe value serde refused. toml names where with a trailing "in `section.key`" line;
+/// that becomes the error's field, so every recipe error reads `file: field `key`: detail`.
+fn value_error(path: &Path, e: toml::de::Error) -> RecipeError {
+    let text = e.to_string();
+    if let Some((detail, place)) = text.trim_end().rsplit_once("\nin `") {
+        if let Some(field) = place.strip_suffix('`') {
+            return RecipeError::Invalid {
+                path: path.to_path_buf(),
+                field: field.to_string(),
+                detail: detail.trim().to_string(),
+            };
         }
-        Ok(())
+    }
+    RecipeError::Parse {
+        path: path.to_path_buf(),
+        detail: text,
     }
 }
 
@@ -574,5 +573,58 @@ mod tests {
         let r = Recipe::parse(Path::new("r.toml"), MINIMAL).unwrap();
         assert!(r.check_layers(Path::new("r.toml"), 3).is_err());
         assert!(r.check_layers(Path::new("r.toml"), 4).is_ok());
+    }
+
+    #[test]
+    fn a_negative_layer_id_names_the_field() {
+        let text = MINIMAL.replace("[1, 2]", "[-1, 2]");
+        let err = Recipe::parse(Path::new("r.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("r.toml")
+                && err.contains("field `model.target_layer_ids`")
+                && err.contains("layer -1 is negative"),
+            "{err}"
+        );
+        // The same through an override.
+        let err = Recipe::parse_with(
+            Path::new("r.toml"),
+            MINIMAL,
+            &["model.target_layer_ids=[0, -3]".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("field `model.target_layer_ids`") && err.contains("-3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_layer_id_past_the_target_names_the_field_and_the_range() {
+        let text = MINIMAL.replace("[1, 2]", "[1, 30]");
+        let r = Recipe::parse(Path::new("r.toml"), &text).unwrap();
+        let err = r
+            .check_layers(Path::new("r.toml"), 30)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("r.toml")
+                && err.contains("field `model.target_layer_ids`")
+                && err.contains("layer 30")
+                && err.contains("30 decoder layers")
+                && err.contains("0..=28"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_wrongly_typed_value_names_its_field() {
+        let text = format!("{MINIMAL}[train]\nlr = \"fast\"\n");
+        let err = Recipe::parse(Path::new("r.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("r.toml: field `train.lr`"), "{err}");
     }
 }

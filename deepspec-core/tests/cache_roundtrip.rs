@@ -31,7 +31,7 @@ fn sample(source: u64, len: usize, dtype: HiddenDtype) -> (CacheSample, Vec<f32>
 fn write_cache(dir: &Path, dtype: HiddenDtype, samples: &[CacheSample]) -> Manifest {
     let layout = ShardLayout {
         hidden_size: H,
-        target_layer_ids: LAYERS.to_vec(),
+        target_layer_ids: LAYERS.to_vec().try_into().unwrap(),
         hidden_dtype: dtype,
     };
     let file_name = shard_file_name(0);
@@ -51,7 +51,7 @@ fn write_cache(dir: &Path, dtype: HiddenDtype, samples: &[CacheSample]) -> Manif
             vocab_size: None,
         },
         tokenizer_sha256: None,
-        target_layer_ids: LAYERS.to_vec(),
+        target_layer_ids: LAYERS.to_vec().try_into().unwrap(),
         hidden_size: H,
         hidden_dtype: dtype,
         token_dtype: "int32".into(),
@@ -165,7 +165,7 @@ fn a_sample_with_wrong_shapes_is_refused_by_the_writer() {
     let dir = tempfile::tempdir().unwrap();
     let layout = ShardLayout {
         hidden_size: H,
-        target_layer_ids: LAYERS.to_vec(),
+        target_layer_ids: LAYERS.to_vec().try_into().unwrap(),
         hidden_dtype: HiddenDtype::Bf16,
     };
     let mut writer = ShardWriter::create(&dir.path().join("s.parquet"), &layout).unwrap();

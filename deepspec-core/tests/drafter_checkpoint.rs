@@ -111,6 +111,38 @@ fn config_that_disagrees_with_tensors_is_refused() {
 }
 
 #[test]
+fn a_layer_id_the_target_lacks_is_refused_at_load() {
+    // The golden target has 6 layers (num_target_layers = 6): ids must be in 0..=4.
+    for (ids, expect) in [
+        (
+            serde_json::json!([0, 1, 2, 3, 5]),
+            "layer 5 is out of range",
+        ),
+        (
+            serde_json::json!([0, 1, 2, 3, 40]),
+            "layer 40 is out of range",
+        ),
+        (serde_json::json!([-1, 1, 2, 3, 4]), "layer -1 is negative"),
+    ] {
+        for algo in ["dspark", "eagle3"] {
+            let dir = edited_copy(algo, |c| c["target_layer_ids"] = ids.clone());
+            let err = load_error(dir.path());
+            assert!(
+                err.contains("config.json")
+                    && err.contains("target_layer_ids")
+                    && err.contains(expect),
+                "{algo} {ids}: {err}"
+            );
+        }
+    }
+    let dir = edited_copy("dflash", |c| {
+        c["target_layer_ids"] = serde_json::json!([0, 1, 2, 3, 5])
+    });
+    let err = load_error(dir.path());
+    assert!(err.contains("0..=4"), "names the valid range: {err}");
+}
+
+#[test]
 fn drafter_for_another_target_is_refused() {
     let golden = golden_dir();
     let config = DrafterConfig::from_file(&golden.join("dspark/config.json")).unwrap();

@@ -63,14 +63,7 @@ impl DecodeTrace {
 
 /// Logits `[batch, n, V]` as `batch * n` host rows.
 fn rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
-    let [batch, n, v] = logits.dims();
-    let n = batch * n;
-    let flat = logits
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap();
-    (0..n).map(|i| flat[i * v..(i + 1) * v].to_vec()).collect()
+    deepspec_core::model::host_rows(logits)
 }
 
 /// Concatenates tapped layer outputs on the feature axis: `[1, n, n_t*H]`.

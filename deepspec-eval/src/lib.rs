@@ -4,6 +4,7 @@
 pub mod datasets;
 pub mod engine;
 pub mod metrics;
+pub mod plan;
 pub mod plots;
 pub mod proposer;
 pub mod report;

@@ -65,12 +65,7 @@ fn pick<B: Backend>(
         f32::INFINITY
     };
     if is_greedy(temperature) {
-        let token = logits
-            .argmax(0)
-            .into_data()
-            .convert::<i64>()
-            .into_vec::<i64>()
-            .expect("int tensor")[0] as u32;
+        let token = deepspec_core::model::host_ints(logits.argmax(0))[0] as u32;
         let mut p = vec![0.0; vocab];
         p[token as usize] = 1.0;
         (token, p, margin)

@@ -4,7 +4,7 @@
 use crate::datasets::{Domain, SETS};
 use crate::metrics::{AcceptanceStats, SweepPoint};
 use anyhow::Context;
-use deepspec_core::cache::manifest::write_atomically;
+use deepspec_core::io::atomic::write_atomically;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;

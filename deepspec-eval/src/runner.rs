@@ -8,6 +8,7 @@ use crate::proposer::{DSparkProposer, Eagle3Proposer, Proposer};
 use burn::tensor::backend::Backend;
 use deepspec_core::drafter::{Drafter, DrafterConfig};
 use deepspec_core::io::chat::{ChatTemplate, Message};
+use deepspec_core::io::tokenizer::Tok;
 use deepspec_core::model::LoadedTarget;
 use deepspec_core::sampling::{Rng, Sampler};
 use indicatif::ProgressBar;
@@ -19,6 +20,16 @@ pub struct SetRun {
     pub wall_seconds: f64,
     /// Tokens generated (all turns).
     pub generated: usize,
+}
+
+/// The token ids of an evaluation prompt: the conversation so far, rendered in Qwen3's
+/// no-thinking mode as the reference evaluates (other templates ignore the flag).
+pub fn turn_prompt(
+    template: &ChatTemplate,
+    tok: &Tok,
+    messages: &[Message],
+) -> anyhow::Result<Vec<u32>> {
+    template.prompt_ids(tok, messages, Some(false))
 }
 
 /// Builds the proposer for a drafter.
@@ -79,8 +90,7 @@ pub fn run_set<B: Backend>(
             let mut prompts = Vec::with_capacity(rows.len());
             for &r in &rows {
                 messages[r].push(Message::new("user", &chunk[r].1.turns[turn]));
-                let text = template.render(&messages[r], true, Some(false))?;
-                prompts.push(target.tokenizer.encode(&text)?);
+                prompts.push(turn_prompt(template, &target.tokenizer, &messages[r])?);
             }
             let mut boxed: Vec<Box<dyn Proposer<B> + '_>> =
                 rows.iter().map(|_| proposer(drafter, config)).collect();

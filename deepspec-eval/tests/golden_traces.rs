@@ -58,11 +58,7 @@ fn decode_params(run: &Value, config: &DrafterConfig) -> DecodeParams {
             .as_array()
             .map(|_| ids(&run["stop_token_ids"]))
             .unwrap_or_default(),
-        target_layer_ids: config
-            .target_layer_ids
-            .iter()
-            .map(|&l| l as usize)
-            .collect(),
+        target_layer_ids: config.target_layer_ids.to_vec(),
     }
 }
 

@@ -64,13 +64,7 @@ pub fn save<B: AutodiffBackend>(
             .get(id)
             .context("optimizer state for a parameter the drafter does not have")?;
         let n = m.exp_avg.dims()[0];
-        let host = |t: &Tensor<B::InnerBackend, 1>| {
-            t.clone()
-                .into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .unwrap()
-        };
+        let host = |t: &Tensor<B::InnerBackend, 1>| deepspec_core::model::to_host(t.clone()).data;
         tensors.push((format!("{name}.exp_avg"), vec![n], host(&m.exp_avg)));
         tensors.push((format!("{name}.exp_avg_sq"), vec![n], host(&m.exp_avg_sq)));
         if let Some(master) = optim.masters.get(id) {

@@ -9,5 +9,6 @@ pub mod data;
 pub mod logging;
 pub mod loss;
 pub mod optim;
+pub mod plan;
 pub mod schedule;
 pub mod trainer;

@@ -200,7 +200,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = param.val().grad(self.grads) {
-            let values = g.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+            let values = deepspec_core::model::to_host(g).data;
             let key = self
                 .path
                 .iter()

@@ -59,6 +59,10 @@ pub struct TrainBench {
     pub steps: usize,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Tokens per LM-head chunk in the loss (default: sized for the vocabulary, as
+    /// `train.head_chunk_tokens` unset).
+    #[arg(long)]
+    pub head_chunk_tokens: Option<usize>,
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
 }
@@ -92,14 +96,12 @@ impl OnBackend for TrainBench {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
-        use burn::backend::Autodiff;
         use deepspec_core::drafter::init::{random_drafter, DrafterSpec};
         use deepspec_core::drafter::{Algorithm, MarkovKind};
         use deepspec_core::sampling::Rng;
         use deepspec_train::data::{collate, Sample};
-        use deepspec_train::loss::dspark::DSparkLossConfig;
         use deepspec_train::optim::{AdamW, AdamWConfig};
-        type AB<B> = Autodiff<B>;
+        type AB<B> = burn::backend::Autodiff<B>;
         let target = preset_config(self.preset);
         let (algorithm, rank, confidence, layers) = match self.algo {
             Algo::Dspark => (
@@ -118,7 +120,7 @@ impl OnBackend for TrainBench {
         let spec = DrafterSpec {
             algorithm,
             num_draft_layers: layers,
-            target_layer_ids: taps.clone(),
+            target_layer_ids: deepspec_core::layers::TargetLayerIds::new(taps.clone())?,
             block_size: 7,
             mask_token_id: (target.vocab_size - 1) as u32,
             num_anchors: self.anchors,
@@ -151,40 +153,8 @@ impl OnBackend for TrainBench {
             target_last_hidden: normal(&mut rng, len * h),
         };
         let batch = collate(&[sample], (taps.len() * h, h), len);
-        let settings = deepspec_train::trainer::TrainSettings {
-            lr: 6e-4,
-            warmup_ratio: 0.0,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            local_batch_size: 1,
-            global_batch_size: 1,
-            num_train_epochs: 1,
-            max_train_steps: Some(1),
-            logging_steps: 10,
-            checkpointing_steps: 1000,
-            keep_last: 1,
-            seed: 0,
-            max_length: len,
-            dspark_loss: if algorithm == Algorithm::DSpark {
-                DSparkLossConfig {
-                    ce_alpha: 0.1,
-                    l1_alpha: 0.9,
-                    confidence_alpha: 1.0,
-                    decay_gamma: Some(4.0),
-                }
-            } else {
-                DSparkLossConfig {
-                    ce_alpha: 1.0,
-                    l1_alpha: 0.0,
-                    confidence_alpha: 0.0,
-                    decay_gamma: Some(4.0),
-                }
-            },
-            head_chunk_tokens: None,
-            tensorboard_dir: None,
-            stop_after: None,
-            show_progress: false,
-        };
+        let mut settings = deepspec_train::plan::bench_settings(algorithm, len);
+        settings.head_chunk_tokens = self.head_chunk_tokens;
         let mut host_batch = batch;
         let features = host_batch.upload::<AB<B>>(&device);
         let mut optim = AdamW::<AB<B>>::new(AdamWConfig::default());
@@ -296,13 +266,7 @@ impl OnBackend for TargetBench {
             let out = target
                 .model
                 .step(&target.rope, &[row], &mut cache, &[], LogitsFor::Last);
-            let logits = out
-                .logits
-                .unwrap()
-                .into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .unwrap();
+            let logits = deepspec_core::model::to_host(out.logits.unwrap()).data;
             let prefill = start.elapsed().as_secs_f64();
             let mut token = argmax(&logits) as u32;
             let start = Instant::now();
@@ -314,13 +278,7 @@ impl OnBackend for TargetBench {
                     &[],
                     LogitsFor::Last,
                 );
-                let logits = out
-                    .logits
-                    .unwrap()
-                    .into_data()
-                    .convert::<f32>()
-                    .into_vec::<f32>()
-                    .unwrap();
+                let logits = deepspec_core::model::to_host(out.logits.unwrap()).data;
                 token = argmax(&logits) as u32;
             }
             let decode = start.elapsed().as_secs_f64();
@@ -393,41 +351,43 @@ impl OnBackend for EvalBench {
         use deepspec_core::io::chat::{ChatTemplate, Message};
         use deepspec_core::sampling::Rng;
         use deepspec_core::sampling::Sampler;
-        use deepspec_eval::engine::{decode, decode_batch, DecodeParams};
+        use deepspec_eval::engine::{decode, decode_batch};
+        use deepspec_eval::plan::{EvalChoices, EvalPlan};
         use deepspec_eval::proposer::{NoDraft, Proposer};
-        let recipe = deepspec_core::recipe::Recipe::load(&crate::commands::train::resolve_recipe(
-            &self.recipe,
-        ))?;
-        let target = load_target::<B>(&recipe.model.target_model_name_or_path, &device)?;
+        let recipe_path = crate::commands::train::resolve_recipe(&self.recipe);
+        let recipe = deepspec_core::recipe::Recipe::load(&recipe_path)?;
+        let plan = EvalPlan::from_recipe(
+            Some((&recipe_path, &recipe)),
+            EvalChoices {
+                sets: vec![self.set.clone()],
+                limit: Some(self.prompts),
+                temperature: Some(self.temperature),
+                max_new_tokens: Some(self.max_new_tokens),
+                // Full blocks: the speed-up of the drafter itself, not of a tuned threshold.
+                confidence_threshold: Some(0.0),
+                batch_size: self.batch_size,
+                ..Default::default()
+            },
+        )?;
+        let target = load_target::<B>(&plan.target, &device)?;
         let (drafter, config) = Drafter::<B>::load(&self.drafter, &device)?;
-        config.check_target(&target.config, &recipe.model.target_model_name_or_path)?;
+        config.check_target(&target.config, &plan.target)?;
         let template = ChatTemplate::for_tokenizer(&target.tokenizer)?;
         let set = deepspec_eval::datasets::read_jsonl(
             &self.set,
             &self.datasets.join(format!("{}.jsonl", self.set)),
-            deepspec_eval::datasets::Selection {
-                seed: 980_406,
-                limit: Some(self.prompts),
-            },
+            plan.selection(),
         )?;
-        let params = DecodeParams {
-            max_new_tokens: self.max_new_tokens,
-            temperature: self.temperature,
-            confidence_threshold: 0.0,
-            stop_ids: target.tokenizer.eos_ids.clone(),
-            target_layer_ids: config
-                .target_layer_ids
-                .iter()
-                .map(|&l| l as usize)
-                .collect(),
-        };
+        let params = plan.decode_params(&target.tokenizer, &template, &config)?;
         let prompts: Vec<Vec<u32>> = set
             .samples
             .iter()
             .map(|s| {
-                let text =
-                    template.render(&[Message::new("user", &s.turns[0])], true, Some(false))?;
-                Ok(target.tokenizer.encode(&text)?)
+                deepspec_eval::runner::turn_prompt(
+                    &template,
+                    &target.tokenizer,
+                    &[Message::new("user", &s.turns[0])],
+                )
             })
             .collect::<anyhow::Result<_>>()?;
         // Warm up both paths once.

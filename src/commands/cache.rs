@@ -83,7 +83,7 @@ fn stats(dir: &std::path::Path) -> anyhow::Result<()> {
         m.target.sha256.as_deref().unwrap_or("unknown")
     );
     println!(
-        "layers:           {:?}, hidden size {}",
+        "layers:           {}, hidden size {}",
         m.target_layer_ids, m.hidden_size
     );
     println!("hidden dtype:     {}", m.hidden_dtype.name());

@@ -1,6 +1,6 @@
 //! `deepspec datasets`: the benchmark sets' rows as prompt files.
 
-use deepspec_core::cache::manifest::write_atomically;
+use deepspec_core::io::atomic::write_atomically;
 use deepspec_eval::datasets::held_out;
 use std::path::PathBuf;
 

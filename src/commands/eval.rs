@@ -7,12 +7,14 @@ use burn::tensor::backend::Backend;
 use deepspec_core::drafter::Drafter;
 use deepspec_core::io::chat::ChatTemplate;
 use deepspec_core::model::load_target;
-use deepspec_eval::datasets::{load_sets, Domain, Lookup, Selection};
-use deepspec_eval::engine::{DecodeParams, DecodeTrace};
+use deepspec_core::recipe::Recipe;
+use deepspec_eval::datasets::{load_sets, Domain, Lookup};
+use deepspec_eval::engine::DecodeTrace;
 use deepspec_eval::metrics::{
     calibrated, confidence_points, ece, fit_sts, reliability, roc_auc, sigmoid, threshold_sweep,
     AcceptanceStats,
 };
+use deepspec_eval::plan::{EvalChoices, EvalPlan};
 use deepspec_eval::report::{regression_gate, CalibrationReport, Report, SetReport};
 use deepspec_eval::runner::run_set;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -86,66 +88,42 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The target path (`--target`, else the recipe's `[model] target_model_name_or_path`) and
-/// the recipe's `[eval]` defaults.
-pub fn target_and_defaults(
-    target: &Option<PathBuf>,
-    recipe: &Option<PathBuf>,
-) -> anyhow::Result<(PathBuf, deepspec_core::recipe::EvalSection)> {
-    let recipe = match recipe {
-        Some(r) => Some(deepspec_core::recipe::Recipe::load(
-            &crate::commands::train::resolve_recipe(&r.display().to_string()),
-        )?),
-        None => None,
-    };
-    let defaults = recipe.as_ref().map(|r| r.eval.clone()).unwrap_or_default();
-    match (target, recipe) {
-        (Some(t), _) => Ok((t.clone(), defaults)),
-        (None, Some(r)) => Ok((r.model.target_model_name_or_path, defaults)),
-        (None, None) => bail!(
-            "name the target with --recipe (its [model] target_model_name_or_path) or --target"
-        ),
-    }
-}
-
 impl OnBackend for EvalArgs {
     /// Whether the regression gate passed (true without a baseline).
     type Output = bool;
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<bool> {
-        let (target_path, defaults) = target_and_defaults(&self.target, &self.recipe)?;
-        let temperature = self.temperature.unwrap_or(defaults.temperature);
-        let max_new_tokens = self.max_new_tokens.unwrap_or(defaults.max_new_tokens);
-        let confidence_threshold = self
-            .confidence_threshold
-            .unwrap_or(defaults.confidence_threshold);
-        let seed = self.seed.unwrap_or(defaults.seed);
-        let target = load_target::<B>(&target_path, &device)
+        let recipe = match &self.recipe {
+            Some(r) => {
+                let path = crate::commands::train::resolve_recipe(&r.display().to_string());
+                let recipe = Recipe::load(&path)?;
+                Some((path, recipe))
+            }
+            None => None,
+        };
+        let plan = EvalPlan::from_recipe(
+            recipe.as_ref().map(|(p, r)| (p.as_path(), r)),
+            EvalChoices {
+                target: self.target.clone(),
+                sets: self.sets.clone(),
+                limit: self.limit,
+                temperature: self.temperature,
+                max_new_tokens: self.max_new_tokens,
+                confidence_threshold: self.confidence_threshold,
+                seed: self.seed,
+                batch_size: self.batch_size,
+            },
+        )?;
+        let target_path = &plan.target;
+        let target = load_target::<B>(target_path, &device)
             .with_context(|| format!("loading target {}", target_path.display()))?;
         let (drafter, config) = Drafter::<B>::load(&self.drafter, &device)
             .with_context(|| format!("loading drafter {}", self.drafter.display()))?;
-        config.check_target(&target.config, &target_path)?;
+        config.check_target(&target.config, target_path)?;
         let template = ChatTemplate::for_tokenizer(&target.tokenizer)
             .context("compiling the chat template")?;
-        let sets = load_sets(
-            &self.datasets,
-            &self.sets,
-            Selection {
-                seed,
-                limit: self.limit,
-            },
-        )?;
-        let params = DecodeParams {
-            max_new_tokens,
-            temperature,
-            confidence_threshold,
-            stop_ids: target.tokenizer.eos_ids.clone(),
-            target_layer_ids: config
-                .target_layer_ids
-                .iter()
-                .map(|&l| l as usize)
-                .collect(),
-        };
+        let sets = load_sets(&self.datasets, &plan.sets, plan.selection())?;
+        let params = plan.decode_params(&target.tokenizer, &template, &config)?;
         let mut report = Report {
             macro_tau: 0.0,
             domain_tau: BTreeMap::new(),
@@ -154,9 +132,9 @@ impl OnBackend for EvalArgs {
             target: target_path.display().to_string(),
             drafter: self.drafter.display().to_string(),
             algorithm: config.algorithm.name().to_string(),
-            temperature,
-            max_new_tokens,
-            confidence_threshold,
+            temperature: plan.temperature,
+            max_new_tokens: plan.max_new_tokens,
+            confidence_threshold: plan.confidence_threshold,
             calibration: None,
         };
         let mut all_traces: Vec<(Domain, DecodeTrace)> = Vec::new();
@@ -174,7 +152,7 @@ impl OnBackend for EvalArgs {
                 }
             };
             let turns: usize = dataset.samples.iter().map(|s| s.turns.len()).sum();
-            let progress = ProgressBar::new((turns * max_new_tokens) as u64);
+            let progress = ProgressBar::new((turns * plan.max_new_tokens) as u64);
             progress.set_style(
                 ProgressStyle::with_template(
                     "{prefix:>14} [{bar:30}] {pos}/~{len} tokens {per_sec} eta {eta}",
@@ -190,8 +168,8 @@ impl OnBackend for EvalArgs {
                 &template,
                 &dataset,
                 &params,
-                seed,
-                self.batch_size,
+                plan.seed,
+                plan.batch_size,
                 &progress,
             )?;
             progress.finish_and_clear();
@@ -236,7 +214,6 @@ impl OnBackend for EvalArgs {
                 .map(|p| (sigmoid(p.logit), p.accepted))
                 .collect();
             let after = calibrated(&held, &temperatures);
-            let thresholds: Vec<f64> = (0..=20).map(|i| i as f64 / 20.0).collect();
             reliability_bins = Some((reliability(&raw, 10), reliability(&after, 10)));
             report.calibration = Some(CalibrationReport {
                 points: points.len(),
@@ -245,13 +222,13 @@ impl OnBackend for EvalArgs {
                 sts_temperatures: temperatures.clone(),
                 ece_after: ece(&after),
                 roc_auc_after: roc_auc(&after),
-                threshold_sweep: threshold_sweep(&traces, &thresholds),
+                threshold_sweep: threshold_sweep(&traces, &plan.sweep_thresholds),
             });
             if self.calibrate {
                 let path = self.drafter.join("calibration.json");
                 let body = serde_json::json!({"method": "sequential_temperature_scaling", "temperatures": temperatures});
-                std::fs::write(&path, serde_json::to_string_pretty(&body)? + "\n")
-                    .with_context(|| format!("writing {}", path.display()))?;
+                let text = serde_json::to_string_pretty(&body)? + "\n";
+                deepspec_core::io::atomic::write_atomically(&path, text.as_bytes())?;
                 eprintln!("wrote {}", path.display());
             }
         } else if self.calibrate {

@@ -3,7 +3,7 @@
 use crate::device::{dispatch, DeviceKind, OnBackend};
 use anyhow::Context;
 use burn::tensor::backend::Backend;
-use deepspec_core::generate::{generate, GenerateParams};
+use deepspec_core::generate::{generate, stop_ids, GenerateParams};
 use deepspec_core::io::chat::{ChatTemplate, Message};
 use deepspec_core::model::load_target;
 use deepspec_core::sampling::{Rng, SamplingParams};
@@ -56,10 +56,11 @@ impl OnBackend for GenerateArgs {
             messages.push(Message::new("system", system));
         }
         messages.push(Message::new("user", &self.prompt));
-        let text = template
-            .render(&messages, true, self.no_thinking.then_some(false))
-            .context("rendering the chat template")?;
-        let prompt_ids = target.tokenizer.encode(&text)?;
+        let prompt_ids = template.prompt_ids(
+            &target.tokenizer,
+            &messages,
+            self.no_thinking.then_some(false),
+        )?;
         let params = GenerateParams {
             max_new_tokens: self.max_new_tokens,
             sampling: SamplingParams {
@@ -67,7 +68,7 @@ impl OnBackend for GenerateArgs {
                 top_k: self.top_k,
                 top_p: self.top_p,
             },
-            stop_ids: target.tokenizer.eos_ids.clone(),
+            stop_ids: stop_ids(&target.tokenizer, template.format.as_ref(), &[])?,
         };
         let mut generated: Vec<u32> = Vec::new();
         let mut printed = 0usize;

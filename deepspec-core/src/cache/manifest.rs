@@ -6,8 +6,9 @@
 
 use super::schema::HiddenDtype;
 use super::CacheError;
+use crate::io::atomic::write_atomically;
+use crate::layers::TargetLayerIds;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -77,7 +78,8 @@ pub struct Manifest {
     pub target: TargetIdentity,
     /// SHA-256 of the tokenizer's serialized JSON.
     pub tokenizer_sha256: Option<String>,
-    pub target_layer_ids: Vec<usize>,
+    /// Shape-checked when read; against `target.num_layers` too when the target is known.
+    pub target_layer_ids: TargetLayerIds,
     pub hidden_size: usize,
     pub hidden_dtype: HiddenDtype,
     pub token_dtype: String,
@@ -106,6 +108,9 @@ impl Manifest {
                 "is missing: this is a reference DeepSpec cache (binary shards + samples.idx); convert it with `deepspec cache import-deepspec SRC DST`",
             ));
         }
+        // Read first on its own so a bad id names the field rather than "(manifest)".
+        let layers: TargetLayerIds = serde_json::from_value(value["target_layer_ids"].clone())
+            .map_err(|e| CacheError::field(&path, "target_layer_ids", e.to_string()))?;
         let manifest: Manifest = serde_json::from_value(value).map_err(|e| {
             CacheError::field(
                 &path,
@@ -133,6 +138,15 @@ impl Manifest {
                 ),
             ));
         }
+        if let Some(n) = manifest.target.num_layers {
+            layers.check(n).map_err(|e| {
+                CacheError::field(
+                    &path,
+                    "target_layer_ids",
+                    format!("{e} (target.num_layers = {n})"),
+                )
+            })?;
+        }
         Ok(manifest)
     }
 
@@ -140,7 +154,7 @@ impl Manifest {
     pub fn store(&self, dir: &Path) -> Result<(), CacheError> {
         let mut text = serde_json::to_string_pretty(self).expect("manifest serializes");
         text.push('\n');
-        write_atomically(&Self::path(dir), text.as_bytes())
+        Ok(write_atomically(&Self::path(dir), text.as_bytes())?)
     }
 
     /// Recomputes the totals, the dense sample numbering and `complete` from the shard list.
@@ -241,37 +255,4 @@ impl Manifest {
 /// `shard-00012.parquet`
 pub fn shard_file_name(k: u64) -> String {
     format!("shard-{k:05}.parquet")
-}
-
-/// Writes `bytes` to `path` through a temporary sibling, fsynced, then renamed over `path`.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
-    let tmp = tmp_path(path);
-    let mut file = std::fs::File::create(&tmp).map_err(|e| CacheError::io(&tmp, e))?;
-    file.write_all(bytes)
-        .and_then(|_| file.sync_all())
-        .map_err(|e| CacheError::io(&tmp, e))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(|e| CacheError::io(path, e))?;
-    sync_dir(path);
-    Ok(())
-}
-
-/// The temporary name a file is written under before it is renamed into place.
-pub fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
-/// Makes a rename durable (best effort: not every platform can fsync a folder).
-pub fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        }) {
-            let _ = d.sync_all();
-        }
-    }
 }

@@ -2,7 +2,7 @@
 //! states, plus a manifest (docs/cache-format.md describes the layout for other readers).
 //!
 //! - [`schema`]: columns and hidden-state encodings (bf16, fp8 e4m3 with per-vector scale);
-//! - [`manifest`]: `manifest.json`, atomic writes, identity checks;
+//! - [`manifest`]: `manifest.json` (written with [`crate::io::atomic`]), identity checks;
 //! - [`writer`]: one shard, streamed, temporary name then rename;
 //! - [`reader`]: one sample by index (one row group), and full validation;
 //! - [`reference`]: the reference's binary cache (version 2), for import.

@@ -263,16 +263,6 @@ pub fn validate(dir: &Path) -> Result<ValidationReport, CacheError> {
             "must be positive",
         ));
     }
-    if m.target_layer_ids.is_empty() || m.target_layer_ids.windows(2).any(|w| w[0] >= w[1]) {
-        return Err(CacheError::field(
-            &manifest_path,
-            "target_layer_ids",
-            format!(
-                "{:?} must be non-empty and strictly increasing",
-                m.target_layer_ids
-            ),
-        ));
-    }
     if !m.complete || m.prompts_covered() != m.job.num_prompts {
         return Err(CacheError::field(
             &manifest_path,

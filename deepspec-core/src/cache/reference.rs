@@ -7,6 +7,7 @@ use super::manifest::{
 use super::schema::{EncodedHidden, HiddenDtype};
 use super::writer::{ShardLayout, ShardWriter};
 use super::{CacheError, CacheSample};
+use crate::layers::TargetLayerIds;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -47,7 +48,7 @@ pub struct ReferenceCache {
     pub dir: PathBuf,
     pub manifest: Value,
     pub hidden_size: usize,
-    pub target_layer_ids: Vec<usize>,
+    pub target_layer_ids: TargetLayerIds,
     pub records: Vec<IndexRecord>,
     shard_files: Vec<PathBuf>,
 }
@@ -98,20 +99,9 @@ impl ReferenceCache {
             .filter(|&h| h > 0)
             .ok_or_else(|| field("hidden_size", "must be a positive integer".into()))?
             as usize;
-        let target_layer_ids: Vec<usize> = manifest["target_layer_ids"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_u64().map(|v| v as usize))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if target_layer_ids.is_empty() || target_layer_ids.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(field(
-                "target_layer_ids",
-                "must be non-negative integers, non-empty and ascending".into(),
-            ));
-        }
+        let target_layer_ids: TargetLayerIds =
+            serde_json::from_value(manifest["target_layer_ids"].clone())
+                .map_err(|e| field("target_layer_ids", e.to_string()))?;
         let shards = manifest["shards"].as_array().cloned().unwrap_or_default();
         if manifest["num_shards"].as_u64() != Some(shards.len() as u64) {
             return Err(field(

@@ -1,9 +1,10 @@
 //! Writing one Parquet shard: streamed one sample (one row group) at a time under a temporary
-//! name, hashed while written, fsynced, then renamed into place.
+//! name, hashed while written, committed with [`crate::io::atomic::PendingFile`].
 
-use super::manifest::{sync_dir, tmp_path};
 use super::schema::{self, EncodedHidden, HiddenDtype};
 use super::{CacheError, CacheSample};
+use crate::io::atomic::PendingFile;
+use crate::layers::TargetLayerIds;
 use arrow_array::builder::{BooleanBuilder, Float32Builder, Int32Builder, ListBuilder};
 use arrow_array::{ArrayRef, BinaryArray, RecordBatch, UInt64Array};
 use arrow_schema::SchemaRef;
@@ -14,7 +15,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// The fixed `created_by` string: no version or time in the file, so equal input gives
@@ -28,7 +29,7 @@ pub const SHARD_METADATA_KEY: &str = "deepspec.cache";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardLayout {
     pub hidden_size: usize,
-    pub target_layer_ids: Vec<usize>,
+    pub target_layer_ids: TargetLayerIds,
     pub hidden_dtype: HiddenDtype,
 }
 
@@ -77,8 +78,8 @@ pub struct ShardWriter {
     writer: ArrowWriter<HashingWriter>,
     schema: SchemaRef,
     layout: ShardLayout,
-    tmp: PathBuf,
-    path: PathBuf,
+    /// The shard under its temporary name until [`ShardWriter::finish`] commits it.
+    pending: PendingFile,
     num_samples: u64,
     num_tokens: u64,
     num_loss_tokens: u64,
@@ -91,8 +92,7 @@ fn parquet_err(path: &Path, e: parquet::errors::ParquetError) -> CacheError {
 impl ShardWriter {
     /// Starts `path` (written as `path.tmp` until [`ShardWriter::finish`]).
     pub fn create(path: &Path, layout: &ShardLayout) -> Result<Self, CacheError> {
-        let tmp = tmp_path(path);
-        let file = File::create(&tmp).map_err(|e| CacheError::io(&tmp, e))?;
+        let (pending, file) = PendingFile::create(path)?;
         let schema = schema::shard_schema(layout.hidden_dtype);
         // Hidden states are close to incompressible and never repeat: plain, uncompressed,
         // no dictionary and no statistics keeps writing cheap and reading a direct copy.
@@ -113,13 +113,12 @@ impl ShardWriter {
             bytes: 0,
         };
         let writer = ArrowWriter::try_new(sink, schema.clone(), Some(props))
-            .map_err(|e| parquet_err(&tmp, e))?;
+            .map_err(|e| parquet_err(pending.tmp(), e))?;
         Ok(ShardWriter {
             writer,
             schema,
             layout: layout.clone(),
-            tmp,
-            path: path.to_path_buf(),
+            pending,
             num_samples: 0,
             num_tokens: 0,
             num_loss_tokens: 0,
@@ -130,7 +129,7 @@ impl ShardWriter {
     pub fn push(&mut self, sample: &CacheSample) -> Result<(), CacheError> {
         sample.check(&self.layout).map_err(|detail| {
             CacheError::corrupt(
-                &self.tmp,
+                self.pending.tmp(),
                 format!("sample {}: {detail}", sample.source_index),
             )
         })?;
@@ -138,7 +137,7 @@ impl ShardWriter {
         self.writer
             .write(&batch)
             .and_then(|_| self.writer.flush())
-            .map_err(|e| parquet_err(&self.tmp, e))?;
+            .map_err(|e| parquet_err(self.pending.tmp(), e))?;
         self.num_samples += 1;
         self.num_tokens += sample.input_ids.len() as u64;
         self.num_loss_tokens += sample.loss_mask.iter().map(|&m| m as u64).sum::<u64>();
@@ -147,17 +146,15 @@ impl ShardWriter {
 
     /// Closes the file, makes it durable and renames it into place.
     pub fn finish(self) -> Result<ShardSummary, CacheError> {
-        let tmp = self.tmp;
+        let pending = self.pending;
+        let tmp = pending.tmp().to_path_buf();
         let mut sink = self.writer.into_inner().map_err(|e| parquet_err(&tmp, e))?;
         sink.flush().map_err(|e| CacheError::io(&tmp, e))?;
         let file = sink
             .inner
             .into_inner()
             .map_err(|e| CacheError::io(&tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| CacheError::io(&tmp, e))?;
-        drop(file);
-        std::fs::rename(&tmp, &self.path).map_err(|e| CacheError::io(&self.path, e))?;
-        sync_dir(&self.path);
+        pending.commit(file)?;
         Ok(ShardSummary {
             num_samples: self.num_samples,
             num_tokens: self.num_tokens,

@@ -2,6 +2,7 @@
 //! fields (DEEPSPEC-SPEC §4.7). The whole JSON object is kept so a save writes back exactly
 //! what was read; typed accessors validate what the model needs.
 
+use crate::layers::TargetLayerIds;
 use crate::model::config::TargetConfig;
 use crate::LoadError;
 use serde_json::{Map, Value};
@@ -18,6 +19,16 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// A recipe's `model.algorithm`: `dspark`, `dflash` or `eagle3`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "dspark" => Some(Algorithm::DSpark),
+            "dflash" => Some(Algorithm::DFlash),
+            "eagle3" => Some(Algorithm::Eagle3),
+            _ => None,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Algorithm::DSpark => "dspark",
@@ -34,6 +45,27 @@ pub enum MarkovKind {
     Rnn,
 }
 
+impl MarkovKind {
+    /// `markov_head_type` as recipes and configs write it, in any case (the reference's
+    /// configs say `vanilla`, some hand-written ones `Vanilla`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "vanilla" => Some(MarkovKind::Vanilla),
+            "gated" => Some(MarkovKind::Gated),
+            "rnn" => Some(MarkovKind::Rnn),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MarkovKind::Vanilla => "vanilla",
+            MarkovKind::Gated => "gated",
+            MarkovKind::Rnn => "rnn",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DrafterConfig {
     pub path: PathBuf,
@@ -41,7 +73,9 @@ pub struct DrafterConfig {
     pub algorithm: Algorithm,
     /// The architecture fields shared with the target (sizes, rope, eps).
     pub base: TargetConfig,
-    pub target_layer_ids: Vec<i64>,
+    /// Checked against `num_target_layers` at load; [`DrafterConfig::check_target`] checks
+    /// that count against the target's.
+    pub target_layer_ids: TargetLayerIds,
     pub num_target_layers: usize,
     /// DSpark/DFlash block size (Eagle3: the TTT length).
     pub block_size: usize,
@@ -89,27 +123,21 @@ impl DrafterConfig {
                 None => default.ok_or_else(|| field(key, "is missing")),
             }
         };
-        let target_layer_ids: Vec<i64> = obj
+        let signed_ids: Vec<i64> = obj
             .get("target_layer_ids")
             .and_then(Value::as_array)
             .and_then(|a| a.iter().map(Value::as_i64).collect())
             .ok_or_else(|| field("target_layer_ids", "missing or not a list of integers"))?;
         let base = TargetConfig::from_hf_value(path, &json)?;
         let num_target_layers = uint("num_target_layers", None)? as usize;
-        for pair in target_layer_ids.windows(2) {
-            if pair[0] >= pair[1] {
-                return Err(field("target_layer_ids", "must be strictly increasing"));
-            }
-        }
-        if let Some(&bad) = target_layer_ids
-            .iter()
-            .find(|&&l| l < -1 || l >= num_target_layers as i64)
-        {
-            return Err(field(
-                "target_layer_ids",
-                &format!("layer {bad} is outside the target's {num_target_layers} layers"),
-            ));
-        }
+        let target_layer_ids = TargetLayerIds::from_signed(&signed_ids)
+            .and_then(|ids| ids.check(num_target_layers).map(|()| ids))
+            .map_err(|e| {
+                field(
+                    "target_layer_ids",
+                    &format!("{e} (num_target_layers = {num_target_layers})"),
+                )
+            })?;
         let dtype = obj
             .get("dtype")
             .or(obj.get("torch_dtype"))
@@ -152,19 +180,13 @@ impl DrafterConfig {
                     let kind = obj
                         .get("markov_head_type")
                         .and_then(Value::as_str)
-                        .unwrap_or("vanilla")
-                        .to_ascii_lowercase();
-                    config.markov_kind = match kind.as_str() {
-                        "vanilla" => MarkovKind::Vanilla,
-                        "gated" => MarkovKind::Gated,
-                        "rnn" => MarkovKind::Rnn,
-                        other => {
-                            return Err(field(
-                                "markov_head_type",
-                                &format!("`{other}` is not one of vanilla, gated, rnn"),
-                            ))
-                        }
-                    };
+                        .unwrap_or("vanilla");
+                    config.markov_kind = MarkovKind::from_name(kind).ok_or_else(|| {
+                        field(
+                            "markov_head_type",
+                            &format!("`{kind}` is not one of vanilla, gated, rnn"),
+                        )
+                    })?;
                 }
                 if config.confidence_with_markov && config.markov_rank == 0 {
                     return Err(field(

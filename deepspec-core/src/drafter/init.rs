@@ -6,6 +6,7 @@
 use super::config::{Algorithm, DrafterConfig, MarkovKind};
 use super::Drafter;
 use crate::io::{HostTensor, WeightSource};
+use crate::layers::TargetLayerIds;
 use crate::model::config::{Family, TargetConfig};
 use crate::model::{to_host, LoadedTarget};
 use crate::sampling::Rng;
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 pub struct DrafterSpec {
     pub algorithm: Algorithm,
     pub num_draft_layers: usize,
-    pub target_layer_ids: Vec<usize>,
+    pub target_layer_ids: TargetLayerIds,
     /// DSpark/DFlash block size; Eagle3 TTT length.
     pub block_size: usize,
     pub mask_token_id: u32,
@@ -105,12 +106,7 @@ pub fn new_config(
             }
             c.insert("markov_rank".into(), json!(spec.markov_rank));
             if spec.markov_rank > 0 {
-                let kind = match spec.markov_kind {
-                    MarkovKind::Vanilla => "vanilla",
-                    MarkovKind::Gated => "gated",
-                    MarkovKind::Rnn => "rnn",
-                };
-                c.insert("markov_head_type".into(), json!(kind));
+                c.insert("markov_head_type".into(), json!(spec.markov_kind.name()));
             }
         }
         Algorithm::Eagle3 => {

@@ -280,11 +280,11 @@ impl<B: Backend> Drafter<B> {
         };
         let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         write_tensors(&dir.join("model.safetensors"), &named, dtype, &metadata)?;
-        let config_path = dir.join("config.json");
-        let tmp = dir.join("config.json.tmp");
         let text = serde_json::to_string_pretty(&config.json).expect("config serializes");
-        std::fs::write(&tmp, text + "\n").map_err(|e| LoadError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &config_path).map_err(|e| LoadError::io(&config_path, e))
+        Ok(crate::io::atomic::write_atomically(
+            &dir.join("config.json"),
+            (text + "\n").as_bytes(),
+        )?)
     }
 }
 

@@ -159,6 +159,24 @@ impl ChatTemplate {
     }
 }
 
+impl ChatTemplate {
+    /// The token ids of a generation prompt: `messages` rendered with the assistant's header
+    /// appended, then tokenized. Every place that prompts the target (answer regeneration,
+    /// evaluation, `deepspec generate`, size estimates) goes through here, so they all see
+    /// the same ids for the same conversation.
+    pub fn prompt_ids(
+        &self,
+        tok: &Tok,
+        messages: &[Message],
+        enable_thinking: Option<bool>,
+    ) -> anyhow::Result<Vec<u32>> {
+        let text = self.render(messages, true, enable_thinking).map_err(|e| {
+            anyhow::anyhow!("rendering a generation prompt with the chat template: {e:#}")
+        })?;
+        Ok(tok.encode(&text)?)
+    }
+}
+
 /// Byte ranges of the trained text: each assistant turn's content through its end-of-turn
 /// string (or the end of the text), after any loss prefix.
 pub fn assistant_spans(text: &str, format: &TurnFormat) -> Vec<(usize, usize)> {

@@ -1,6 +1,7 @@
 //! Reading (and writing) model files: safetensors in the Hugging Face layout, GGUF, tokenizers
-//! and chat templates.
+//! and chat templates; and the atomic file replacement every writer uses.
 
+pub mod atomic;
 pub mod chat;
 pub mod gguf;
 pub mod safetensors;

@@ -400,9 +400,7 @@ pub fn write_tensors(
     let info = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
     let out = safetensors::tensor::serialize(views, info)
         .map_err(|e| LoadError::corrupt(path, format!("cannot serialize: {e}")))?;
-    let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, &out).map_err(|e| LoadError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| LoadError::io(path, e))
+    Ok(super::atomic::write_atomically(path, &out)?)
 }
 
 /// [`write_tensors`] in F32.

@@ -44,6 +44,25 @@ pub fn tensor_from_host<B: Backend, const D: usize>(
     Tensor::from_data(TensorData::new(host.data, host.shape), device)
 }
 
+/// Reads a tensor back to the host as rows of its last axis (`[.., V]` -> `n × V`).
+pub fn host_rows<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<Vec<f32>> {
+    let width = tensor.dims()[D - 1];
+    to_host(tensor)
+        .data
+        .chunks(width.max(1))
+        .map(<[f32]>::to_vec)
+        .collect()
+}
+
+/// Reads an int tensor back to the host.
+pub fn host_ints<B: Backend, const D: usize>(tensor: Tensor<B, D, burn::tensor::Int>) -> Vec<i64> {
+    tensor
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .expect("int tensor converts to i64")
+}
+
 /// Reads a one-element tensor back to the host.
 pub fn read_scalar<B: Backend>(tensor: Tensor<B, 1>) -> f64 {
     tensor

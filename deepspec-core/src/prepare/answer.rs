@@ -21,29 +21,6 @@ pub struct AnswerSettings {
     pub seed: u64,
 }
 
-/// Stop ids: the tokenizer's end-of-sequence ids, the format's end-of-turn token when it is a
-/// single token, and the recipe's extra stop strings.
-pub fn stop_ids<B: Backend>(
-    target: &LoadedTarget<B>,
-    format: &TurnFormat,
-    extra: &[String],
-) -> anyhow::Result<Vec<u32>> {
-    let tok = &target.tokenizer;
-    let mut ids = tok.eos_ids.clone();
-    if let Some(id) = tok.token_id(format.end_of_turn.trim_end()) {
-        ids.push(id);
-    }
-    for s in extra {
-        let id = tok.token_id(s).with_context(|| {
-            format!("recipe field `prepare.stop_tokens`: `{s}` is not a single token of the target's vocabulary")
-        })?;
-        ids.push(id);
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    Ok(ids)
-}
-
 /// Decodes an answer, dropping a final stop token.
 fn answer_text<B: Backend>(
     target: &LoadedTarget<B>,
@@ -97,10 +74,8 @@ pub fn answer_batch<B: Backend>(
         let mut prompts = Vec::with_capacity(rows.len());
         let mut active = Vec::with_capacity(rows.len());
         for &b in &rows {
-            let text = template
-                .render(&out[b], true, Some(settings.enable_thinking))
-                .context("rendering a generation prompt with the chat template")?;
-            let ids = target.tokenizer.encode(&text)?;
+            let ids =
+                template.prompt_ids(&target.tokenizer, &out[b], Some(settings.enable_thinking))?;
             if ids.len() < settings.max_length {
                 prompts.push(ids);
                 active.push(b);

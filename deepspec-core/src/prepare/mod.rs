@@ -18,9 +18,10 @@ pub mod target_pass;
 pub use plan::{estimate, Estimate, PrepareOptions, PromptSource};
 pub use prompts::{Conversation, OnBadLine};
 
-use crate::cache::manifest::{shard_file_name, write_atomically};
+use crate::cache::manifest::shard_file_name;
 use crate::cache::{Manifest, ShardEntry, ShardWriter};
 use crate::generate::GenerateParams;
+use crate::io::atomic::write_atomically;
 use crate::io::chat::{tokenize_conversation, ChatTemplate};
 use crate::model::load_target;
 use answer::AnswerSettings;
@@ -111,7 +112,12 @@ pub fn prepare<B: Backend>(
         })?;
     let template = ChatTemplate::for_tokenizer(&target.tokenizer)
         .context("compiling the model's chat template")?;
-    let stop_ids = answer::stop_ids(&target, &planned.format, &recipe.prepare.stop_tokens)?;
+    let stop_ids = crate::generate::stop_ids(
+        &target.tokenizer,
+        Some(&planned.format),
+        &recipe.prepare.stop_tokens,
+    )
+    .with_context(|| opts.recipe_path.display().to_string())?;
     let p = &recipe.prepare;
     let settings = AnswerSettings {
         params: GenerateParams {

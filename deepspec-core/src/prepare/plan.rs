@@ -266,8 +266,9 @@ pub fn estimate(opts: &PrepareOptions) -> anyhow::Result<Estimate> {
                     .cloned()
                     .collect();
                 let turns = asked.iter().filter(|m| m.role == "user").count() as u64;
-                let text = template.render(&with_system(&asked), true, thinking)?;
-                let prompt_tokens = tok.encode(&text)?.len() as u64;
+                let prompt_tokens = template
+                    .prompt_ids(&tok, &with_system(&asked), thinking)?
+                    .len() as u64;
                 tokens += max_length.min(prompt_tokens + turns * per_turn);
             }
             (prompts.len() as u64, tokens, true)
@@ -277,12 +278,9 @@ pub fn estimate(opts: &PrepareOptions) -> anyhow::Result<Estimate> {
             // and the longest prompt self-instruct may write.
             let n = planned.self_instruct.unwrap_or(0) as u64;
             let lead =
-                template.render(&with_system(&[Message::new("user", "")]), true, thinking)?;
-            let per = max_length.min(
-                tok.encode(&lead)?.len() as u64
-                    + recipe.prepare.self_instruct_max_tokens as u64
-                    + per_turn,
-            );
+                template.prompt_ids(&tok, &with_system(&[Message::new("user", "")]), thinking)?;
+            let per = max_length
+                .min(lead.len() as u64 + recipe.prepare.self_instruct_max_tokens as u64 + per_turn);
             (n, n * per, false)
         }
     };

@@ -35,12 +35,7 @@ pub fn target_pass<B: Backend>(
     let out = target
         .model
         .forward_padded(&target.rope, ids, &real, layer_ids, LogitsFor::None);
-    let host = |t: Tensor<B, 3>| -> Vec<f32> {
-        t.into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .expect("f32 hidden states")
-    };
+    let host = |t: Tensor<B, 3>| -> Vec<f32> { crate::model::to_host(t).data };
     let hidden_size = target.config.hidden_size;
     // [batch, width, hidden] per tapped layer, and the final state.
     let tapped: Vec<Vec<f32>> = out.tapped.into_iter().map(host).collect();

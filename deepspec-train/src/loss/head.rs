@@ -23,10 +23,14 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 use deepspec_core::drafter::HeadWeights;
 
-/// Chunk size when the recipe sets none: one chunk's `[rows × vocab]` f32 logits stay
-/// under 256 MiB.
+/// `[rows × vocab]` buffers a chunk holds at once at its peak (logits or probabilities,
+/// target probabilities, their difference and the gradient being formed).
+const LIVE_BUFFERS: usize = 4;
+
+/// Chunk size when the recipe sets none: a chunk's working set — its f32 logits and the
+/// few buffers of the same size formed from them — stays under 256 MiB.
 pub fn default_chunk_rows(vocab: usize) -> usize {
-    ((256usize << 20) / (4 * vocab.max(1))).max(1)
+    ((256usize << 20) / (4 * LIVE_BUFFERS * vocab.max(1))).max(1)
 }
 
 /// What each draft row is scored against.
@@ -175,7 +179,9 @@ fn ints<B: Backend>(values: &[i64], device: &B::Device) -> Tensor<B, 1, Int> {
     Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
 }
 
-/// One chunk: values `[d, 3]`, the weighted sum `[1]`, `dZ [d, V]`.
+/// One chunk: values `[d, 3]`, the weighted sum `[1]`, `dZ [d, V]`. Written so that at
+/// most [`LIVE_BUFFERS`] `[d, V]` tensors are alive at once (each op takes its input by
+/// value, so a backend may reuse the buffer).
 pub fn chunk_values_and_grads<B: Backend>(
     logits: Tensor<B, 2>,
     target_probs: Tensor<B, 2>,
@@ -185,42 +191,53 @@ pub fn chunk_values_and_grads<B: Backend>(
     mode: HeadMode,
 ) -> (Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 2>) {
     let [d, _] = logits.dims();
-    let log_p = log_softmax(logits.clone(), 1);
-    let p = log_p.clone().exp();
-    let diff = p.clone() - target_probs.clone();
-    let l1 = diff.clone().abs().sum_dim(1);
     let agree = logits
+        .clone()
         .argmax(1)
         .equal(target_probs.clone().argmax(1))
         .float();
     let c0 = loss_weight.reshape([d, 1]);
-    let (loss, mut grad) = match mode {
+    let log_p = log_softmax(logits, 1);
+    let (loss, mass) = match mode {
         HeadMode::Labels => {
+            let labels = labels.as_ref().expect("labels in Labels mode").clone();
+            (log_p.clone().gather(1, labels.reshape([d, 1])).neg(), None)
+        }
+        HeadMode::Soft => (
+            (target_probs.clone() * log_p.clone()).sum_dim(1).neg(),
+            Some(target_probs.clone().sum_dim(1)),
+        ),
+    };
+    let p = log_p.exp();
+    let diff = p.clone() - target_probs.clone();
+    let l1 = diff.clone().abs().sum_dim(1);
+    let mut total = (loss.clone() * c0.clone()).sum();
+    let grad = match mode {
+        HeadMode::Labels => {
+            // c0 · (p - onehot(label)): subtract c0 at each row's label.
             let labels = labels.expect("labels in Labels mode").reshape([d, 1]);
-            let loss = log_p.gather(1, labels.clone()).neg();
-            let onehot = p.zeros_like().scatter(
+            let grad = (p.clone() * c0.clone()).scatter(
                 1,
                 labels,
-                Tensor::ones([d, 1], &p.device()),
+                c0.neg(),
                 burn::tensor::IndexingUpdateOp::Add,
             );
-            (loss, (p.clone() - onehot) * c0.clone())
+            drop(target_probs);
+            match l1_weight {
+                Some(c1) => {
+                    let c1 = c1.reshape([d, 1]);
+                    total = total + (l1.clone() * c1.clone()).sum();
+                    // d/dz Σ_v |p_v - t_v| = s ⊙ p - p · Σ_v s_v p_v, with s = sign(p - t).
+                    let sp = diff.sign() * p.clone();
+                    let spread = sp.clone().sum_dim(1);
+                    grad + (sp - p * spread) * c1
+                }
+                None => grad,
+            }
         }
-        HeadMode::Soft => {
-            let loss = (target_probs.clone() * log_p).sum_dim(1).neg();
-            let mass = target_probs.clone().sum_dim(1);
-            (loss, (p.clone() * mass - target_probs) * c0.clone())
-        }
+        // d/dz of -Σ_v t_v log p_v is p · Σ_v t_v - t.
+        HeadMode::Soft => (p * mass.expect("soft mode") - target_probs) * c0,
     };
-    let mut total = (loss.clone() * c0).sum();
-    if let (HeadMode::Labels, Some(c1)) = (mode, l1_weight) {
-        let c1 = c1.reshape([d, 1]);
-        // d/dz Σ_v |p_v - t_v| = s ⊙ p - p · Σ_v s_v p_v, with s = sign(p - t).
-        let sp = diff.sign() * p.clone();
-        let dl1 = sp.clone() - p * sp.sum_dim(1);
-        grad = grad + dl1 * c1.clone();
-        total = total + (l1.clone() * c1).sum();
-    }
     (Tensor::cat(vec![loss, l1, agree], 1), total, grad)
 }
 
@@ -249,8 +266,11 @@ fn compute<B: Backend>(input: &HeadLossInput<B>, plan: &HeadPlan) -> Computed<B>
             .target_hidden
             .clone()
             .select(0, ints::<B>(&chunk.target_rows, &device));
-        let target_probs = softmax(target.matmul(w.clone().transpose()), 1)
-            .select(0, ints::<B>(&chunk.local, &device));
+        let mut target_probs = softmax(target.matmul(w.clone().transpose()), 1);
+        let identity = chunk.target_rows.len() == chunk.rows.len();
+        if !identity {
+            target_probs = target_probs.select(0, ints::<B>(&chunk.local, &device));
+        }
         let (v, t, dz) = chunk_values_and_grads(
             logits,
             target_probs,
