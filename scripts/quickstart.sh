@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=runs/quickstart
-datasets="${DEEPSPEC_DATASETS:-../shared/eval-datasets}"
+datasets="${DEEPSPEC_DATASETS:-data/eval-datasets}"
 steps="${QUICKSTART_STEPS:-60}"
 mkdir -p "$out"
 t0=$(date +%s)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: formatting, the real model, and every test (golden parity reads
-# ../shared/golden or DEEPSPEC_GOLDEN_DIR; benchmark prompts ../shared/eval-datasets).
+# tests/golden or DEEPSPEC_GOLDEN_DIR; benchmark prompts data/eval-datasets or
+# DEEPSPEC_DATASETS; both are copies the repository carries).
 # Lints (`cargo clippy --release --workspace --all-targets -- -D warnings`) are run before
 # every commit; they are left out here to keep CI's build to one profile.
 set -euo pipefail

@@ -34,7 +34,7 @@ fn ok(args: &[&str]) -> String {
 }
 
 fn datasets() -> PathBuf {
-    workspace_root().join("../shared/eval-datasets")
+    deepspec_core::fixtures::datasets_dir()
 }
 
 /// The eval subset (the first prompts of each set's reference selection, as `--limit`

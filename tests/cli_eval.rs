@@ -241,7 +241,7 @@ fn bad_inputs_are_clear() {
 fn held_out_prompts_are_disjoint_from_the_eval_selection() {
     use deepspec_eval::datasets::{read_jsonl, Selection};
     let dir = tempfile::tempdir().unwrap();
-    let sets = workspace_root().join("../shared/eval-datasets");
+    let sets = deepspec_core::fixtures::datasets_dir();
     let file = dir.path().join("prompts.jsonl");
     let out = deepspec(&[
         "datasets",

@@ -16,13 +16,9 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The golden Qwen3 target (vocab 512, 6 layers): `DEEPSPEC_GOLDEN_DIR` or ../shared/golden.
+/// The golden Qwen3 target (vocab 512, 6 layers): `DEEPSPEC_GOLDEN_DIR` or tests/golden.
 fn golden_target() -> PathBuf {
-    let dir = match std::env::var_os("DEEPSPEC_GOLDEN_DIR") {
-        Some(d) if Path::new(&d).is_absolute() => PathBuf::from(d),
-        Some(d) => root().join(d),
-        None => root().join("../shared/golden"),
-    };
+    let dir = deepspec_core::fixtures::golden_dir();
     let target = dir.join("target");
     assert!(
         target.join("config.json").exists(),

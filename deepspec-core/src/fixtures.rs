@@ -8,11 +8,10 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The golden fixture folder: `DEEPSPEC_GOLDEN_DIR` (relative paths are taken from the
-/// workspace root), default `../shared/golden` beside the checkout. Panics with a clear
-/// message when the fixtures are not there.
-pub fn golden_dir() -> PathBuf {
-    let dir = match std::env::var_os("DEEPSPEC_GOLDEN_DIR") {
+/// `var` when set (relative paths are taken from the workspace root), else `default` under
+/// the workspace root.
+fn from_env(var: &str, default: &str) -> PathBuf {
+    match std::env::var_os(var) {
         Some(d) => {
             let d = PathBuf::from(d);
             if d.is_absolute() {
@@ -21,8 +20,15 @@ pub fn golden_dir() -> PathBuf {
                 workspace_root().join(d)
             }
         }
-        None => workspace_root().join("../shared/golden"),
-    };
+        None => workspace_root().join(default),
+    }
+}
+
+/// The golden fixture folder: `DEEPSPEC_GOLDEN_DIR`, default the repository's copy
+/// `tests/golden` (see its README). Panics with a clear message when the fixtures are not
+/// there.
+pub fn golden_dir() -> PathBuf {
+    let dir = from_env("DEEPSPEC_GOLDEN_DIR", "tests/golden");
     assert!(
         dir.join("inputs.safetensors").exists(),
         "golden fixtures not found in {} (set DEEPSPEC_GOLDEN_DIR)",
@@ -42,9 +48,15 @@ pub fn smollm2() -> PathBuf {
     path
 }
 
-/// llama.cpp's outputs on SmolLM2 (`../shared/oracle/smollm2`).
+/// llama.cpp's outputs on SmolLM2 (`tests/oracle/smollm2`).
 pub fn oracle_dir() -> PathBuf {
-    workspace_root().join("../shared/oracle/smollm2")
+    workspace_root().join("tests/oracle/smollm2")
+}
+
+/// The benchmark prompt sets: `DEEPSPEC_DATASETS`, default the repository's copy
+/// `data/eval-datasets`.
+pub fn datasets_dir() -> PathBuf {
+    from_env("DEEPSPEC_DATASETS", "data/eval-datasets")
 }
 
 /// Largest absolute difference between two slices, with its index.

@@ -158,8 +158,8 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
 }
 
 /// CPython's `random.Random(seed)` (MT19937 with Python's integer seeding), as far as
-/// `shuffle` needs it: the reference picks its evaluation subsets with it (DEEPSPEC-SPEC
-/// Appendix B), so the same seed selects the same prompts here.
+/// `shuffle` needs it: the reference picks its evaluation subsets with it (`eval.py`'s
+/// `random.Random(980406).shuffle`), so the same seed selects the same prompts here.
 pub struct PyRandom {
     mt: [u32; 624],
     index: usize,
@@ -295,7 +295,7 @@ mod tests {
         assert!((freq - 0.75).abs() < 0.015, "frequency {freq}");
     }
 
-    /// The check values of DEEPSPEC-SPEC Appendix B: CPython's shuffles with seed 980406.
+    /// Check values computed with CPython's shuffles with seed 980406.
     #[test]
     fn python_shuffle_matches_cpython() {
         for (n, head) in [

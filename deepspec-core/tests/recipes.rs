@@ -1,5 +1,5 @@
 //! Every recipe in recipes/ parses and validates; the reference-mirroring ones hold the
-//! reference's values (DEEPSPEC-SPEC section 8); overrides and bad keys behave.
+//! reference's values (its `config/` files); overrides and bad keys behave.
 
 use deepspec_core::fixtures::workspace_root;
 use deepspec_core::recipe::Recipe;

@@ -1,5 +1,5 @@
 //! Benchmark prompt sets: `{"turns": [...]}` JSONL files named after the nine sets of the
-//! reference's evaluation (DEEPSPEC-SPEC §7), subset as the reference does (§6.2): a file
+//! reference's evaluation (its `eval_datasets/`), subset as its `eval.py` does: a file
 //! with more rows than its set's maximum is shuffled with CPython's `random.Random(seed)` and
 //! cut to the maximum, so the same seed (980406 by default) picks the reference's prompts in
 //! the reference's order; `--limit N` then keeps the first N of that selection.
@@ -29,7 +29,7 @@ pub const SETS: [(&str, Domain); 9] = [
     ("arena-hard-v2", Domain::Chat),
 ];
 
-/// The reference's maximum number of samples per set (§6.1).
+/// The reference's maximum number of samples per set (its `eval.py` task list).
 pub fn max_samples(name: &str) -> usize {
     match name {
         "aime25" => 30,
@@ -109,7 +109,7 @@ pub fn held_out(
     Ok(set)
 }
 
-/// Cuts `samples` to the reference's selection (§6.2): when there are more than the set's
+/// Cuts `samples` to the reference's selection (as its `eval.py` subsets): when there are more than the set's
 /// maximum, shuffled with CPython's `random.Random(seed)` and cut to the maximum. Returns the
 /// rows cut off, in shuffled order (empty when the whole file is used).
 fn split_off_unused(name: &str, samples: &mut Vec<Sample>, seed: u64) -> Vec<Sample> {
@@ -228,7 +228,7 @@ mod tests {
     }
 
     /// A file longer than its set's maximum is cut to the reference's seeded selection
-    /// (DEEPSPEC-SPEC Appendix A: mbpp keeps 256 of 257 rows, leaving out row 121), and
+    /// (as the reference's `eval.py` selects: mbpp keeps 256 of 257 rows, leaving out row 121), and
     /// `limit` keeps the head of that selection.
     #[test]
     fn oversized_sets_take_the_reference_selection() {

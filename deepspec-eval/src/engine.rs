@@ -1,4 +1,4 @@
-//! The verifying decoding loop (DEEPSPEC-SPEC §6.3): prefill the target, then per round let
+//! The verifying decoding loop (the reference's `eval.py`): prefill the target, then per round let
 //! the drafter propose, verify `[current + drafts]` in one target pass, commit the accepted
 //! drafts plus the correction/bonus token, and roll the target cache back.
 

@@ -1,4 +1,4 @@
-//! Verification of a proposal (DEEPSPEC-SPEC §6.4): greedy matching at temperature 0,
+//! Verification of a proposal (the reference's `eval.py`): greedy matching at temperature 0,
 //! rejection sampling with the residual distribution otherwise, and the bonus token.
 
 use deepspec_core::sampling::{argmax, is_greedy, softmax, Sampler};

@@ -1,4 +1,4 @@
-//! Anchor sampling for DSpark/DFlash training (DEEPSPEC-SPEC §5.4 a–b). The random choice is
+//! Anchor sampling for DSpark/DFlash training (as the reference's `train.py` samples them). The random choice is
 //! behind [`AnchorSource`] so a test can fix the anchors.
 
 use deepspec_core::sampling::Rng;

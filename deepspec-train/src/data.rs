@@ -1,5 +1,5 @@
 //! Training samples: the source the trainer reads (a prepared cache), collation into
-//! right-padded batches, and the seeded epoch order (DEEPSPEC-SPEC §5.3).
+//! right-padded batches, and the seeded epoch order (the reference's stateless sampler in `train.py`).
 
 use crate::batch::TrainBatch;
 use deepspec_core::io::HostTensor;

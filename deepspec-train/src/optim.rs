@@ -1,4 +1,4 @@
-//! AdamW with clipping by the global gradient norm (DEEPSPEC-SPEC §5.8) — the reference clips
+//! AdamW with clipping by the global gradient norm (the reference's `train.py`) — the reference clips
 //! all gradients together, not each tensor alone.
 //!
 //! Mixed precision as the reference runs it: when the model's parameters are bf16 (or any

@@ -1,4 +1,4 @@
-//! Learning-rate schedule: linear warm-up then cosine to 0 (DEEPSPEC-SPEC §5.8).
+//! Learning-rate schedule: linear warm-up then cosine to 0 (the reference's `train.py`).
 
 /// The rate optimizer step `step` (1-based) uses, with `max_steps` steps in all.
 pub fn learning_rate(lr_max: f64, warmup_ratio: f64, max_steps: usize, step: usize) -> f64 {

@@ -1,6 +1,6 @@
 //! The training loop, top to bottom: data order, anchors and blocks, forward + loss,
 //! backward with gradient accumulation, global-norm clipping, AdamW, schedule, logging and
-//! checkpoints (DEEPSPEC-SPEC §5). Algorithm-specific parts live in `blocks` and `loss`.
+//! checkpoints (the reference's `train.py`). Algorithm-specific parts live in `blocks` and `loss`.
 
 use crate::anchors::{sample_anchors, RandomAnchors};
 use crate::batch::{Features, TrainBatch};

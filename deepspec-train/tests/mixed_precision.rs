@@ -1,4 +1,4 @@
-//! bf16 compute with f32 master weights (DEEPSPEC-SPEC §5.8), on the CPU backend computing in
+//! bf16 compute with f32 master weights (as the reference's `train.py` runs bf16), on the CPU backend computing in
 //! bf16. The compute dtype is a per-device setting of the process, so these tests live in a
 //! test binary of their own where every float tensor is bf16.
 

@@ -1,5 +1,5 @@
 //! A drafter's `config.json`: the target's config deep-copied and extended with the drafter's
-//! fields (DEEPSPEC-SPEC §4.7). The whole JSON object is kept so a save writes back exactly
+//! fields (the reference's `save_pretrained` output). The whole JSON object is kept so a save writes back exactly
 //! what was read; typed accessors validate what the model needs.
 
 use crate::layers::TargetLayerIds;

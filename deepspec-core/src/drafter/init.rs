@@ -1,4 +1,4 @@
-//! A fresh drafter for a target (DEEPSPEC-SPEC §4.7–4.8): the config is the target's config
+//! A fresh drafter for a target (as the reference's `train.py` builds one): the config is the target's config
 //! extended with the drafter's fields; embedding and LM head are frozen copies of the
 //! target's; every other Linear weight (and the Markov embedding) is drawn from
 //! N(0, initializer_range), biases 0, norm weights 1.
