@@ -213,8 +213,8 @@ impl<B: Backend> Proposer<B> for Eagle3Proposer<'_, B> {
         );
         let mut proposal = Proposal::default();
         let mut h = self.hidden.clone().expect("init before propose");
+        let vocab = self.model.head().vocab_size();
         for j in 0..self.steps {
-            let vocab = self.model.head().vocab_size();
             let logits = self.model.logits(h.clone()).reshape([vocab]);
             let (token, p, margin) = pick(logits, params.temperature, sampler);
             proposal.top2_margin.push(margin);

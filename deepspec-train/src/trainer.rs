@@ -130,12 +130,7 @@ pub fn micro_loss<B: AutodiffBackend + HeadLossBackend>(
                 config.step_loss_decay,
                 chunk,
             );
-            let supervised = crate::loss::eagle3::position_masks(batch, 1)[0]
-                .iter()
-                .flatten()
-                .filter(|&&m| m)
-                .count();
-            (loss.total, loss.metrics, supervised)
+            (loss.total, loss.metrics, loss.supervised)
         }
     }
 }
@@ -256,13 +251,12 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
             let mut step_loss: Option<Tensor<B, 1>> = None;
             for _ in 0..accum {
                 // The batch read ahead while the previous one computed, then the next read-ahead.
-                let batch = match pending.take() {
+                let mut batch = match pending.take() {
                     Some(handle) => handle.join().expect("prefetch thread panicked")?,
                     None => load(state.next_micro_step)?,
                 };
                 let ahead = state.next_micro_step + 1;
                 pending = Some(scope.spawn(move || load(ahead)));
-                let mut batch = batch;
                 tokens += batch.lens.iter().sum::<usize>();
                 let features = batch.upload::<B>(device);
                 let (loss, metrics, supervised) = micro_loss(

@@ -259,26 +259,8 @@ impl<B: Backend> BlockFeatures<B> {
     /// vocabulary for every slot, for inspection and tests (training goes through the
     /// chunked seam instead).
     pub fn logits(&self, head: &HeadWeights<B>) -> Tensor<B, 4> {
-        let base = head.base_logits(self.hidden.clone());
-        match (&self.markov, &head.markov_w2) {
-            (Some(f), Some(w2)) => base + head_matmul(f.clone(), w2.clone()),
-            _ => base,
-        }
+        head.logits(self.hidden.clone(), self.markov.clone())
     }
-}
-
-/// `x [.., F] · wᵀ` for `w [V, F]`.
-pub(crate) fn head_matmul<B: Backend, const D: usize>(
-    x: Tensor<B, D>,
-    w: Tensor<B, 2>,
-) -> Tensor<B, D> {
-    let dims = x.dims();
-    let f = dims[D - 1];
-    let rows: usize = dims[..D - 1].iter().product();
-    let v = w.dims()[0];
-    let mut out = dims;
-    out[D - 1] = v;
-    x.reshape([rows, f]).matmul(w.transpose()).reshape(out)
 }
 
 fn decoder_layer<B: Backend>(

@@ -127,8 +127,33 @@ impl<B: Backend> HeadWeights<B> {
 
     /// `lm_head(hidden)`: `[.., H] -> [.., V]`.
     pub fn base_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
-        dspark::head_matmul(hidden, self.lm_head.clone())
+        times_transposed(hidden, self.lm_head.clone())
     }
+
+    /// Dense draft logits over the whole vocabulary, `[.., V]`: `lm_head(hidden)` plus the
+    /// Markov bias `markov_w2 · f` for features `markov [.., r]` when both exist.
+    pub fn logits<const D: usize>(
+        &self,
+        hidden: Tensor<B, D>,
+        markov: Option<Tensor<B, D>>,
+    ) -> Tensor<B, D> {
+        let base = self.base_logits(hidden);
+        match (markov, &self.markov_w2) {
+            (Some(f), Some(w2)) => base + times_transposed(f, w2.clone()),
+            _ => base,
+        }
+    }
+}
+
+/// `x [.., F] · wᵀ` for `w [V, F]`.
+fn times_transposed<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let mut out = dims;
+    out[D - 1] = w.dims()[0];
+    x.reshape([rows, dims[D - 1]])
+        .matmul(w.transpose())
+        .reshape(out)
 }
 
 /// A loaded drafter of either family.

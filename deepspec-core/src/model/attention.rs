@@ -198,19 +198,19 @@ pub fn attention<B: Backend>(
             anchors,
             block_size,
             context_len,
-            window,
+            ..
         } => block_attention(
             query,
             key,
             value,
+            visibility,
             anchors.clone(),
             *block_size,
             *context_len,
-            *window,
             scale,
         ),
-        Visibility::Ttt { lens, len, step } => {
-            ttt_attention(query, key, value, lens.clone(), *len, *step, scale)
+        Visibility::Ttt { len, step, .. } => {
+            ttt_attention(query, key, value, visibility, *len, *step, scale)
         }
     }
 }
@@ -278,6 +278,31 @@ impl<B: Backend, const D: usize> Partial<B, D> {
     }
 }
 
+/// The part of attention over the first `keys` keys, masked as `visibility`'s dense mask
+/// restricted to those keys says. `query` is folded to `[batch, kv_heads, group·q, d]`.
+/// Also returns which rows see any of these keys (`[batch, 1, group·q, 1]`, 0/1).
+fn leading_part<B: Backend>(
+    query: Tensor<B, 4>,
+    key: Tensor<B, 4>,
+    value: Tensor<B, 4>,
+    visibility: &Visibility<B>,
+    group: usize,
+    keys: usize,
+    scale: f64,
+) -> (Partial<B, 4>, Tensor<B, 4>) {
+    let [batch, _, rows, _] = query.dims();
+    let visible = visibility
+        .dense_mask(batch, rows / group, keys, &query.device())
+        .repeat_dim(2, group);
+    let any = visible.clone().any_dim(3).float();
+    let scores = query.matmul(key.narrow(2, 0, keys).swap_dims(2, 3)) * scale;
+    let part = Partial::new(
+        scores.mask_fill(visible.bool_not(), HIDDEN_SCORE),
+        value.narrow(2, 0, keys),
+    );
+    (part, any)
+}
+
 /// DSpark/DFlash block attention: context part `[slots × context]` masked by anchor (and
 /// window), block-diagonal part `[blocks, block × block]`, merged by log-sum-exp.
 #[allow(clippy::too_many_arguments)]
@@ -285,13 +310,12 @@ fn block_attention<B: Backend>(
     query: Tensor<B, 4>,
     key: Tensor<B, 4>,
     value: Tensor<B, 4>,
+    visibility: &Visibility<B>,
     anchors: Tensor<B, 2, Int>,
     block_size: usize,
     context_len: usize,
-    window: Option<usize>,
     scale: f64,
 ) -> Tensor<B, 4> {
-    let device = query.device();
     let [batch, heads, slots, d] = query.dims();
     let [_, kv_heads, k_len, _] = key.dims();
     let blocks = anchors.dims()[1];
@@ -308,21 +332,15 @@ fn block_attention<B: Backend>(
     let group = heads / kv_heads;
     let query = query.reshape([batch, kv_heads, group * slots, d]);
 
-    // Context part: rows `g·slots + s`, a slot's anchor decides what it sees.
-    let slot_anchor = slot_anchors(anchors.clone(), block_size)
-        .reshape([batch, 1, slots, 1])
-        .expand([batch, 1, slots, context_len]);
-    let context_key = Tensor::<B, 1, Int>::arange(0..context_len as i64, &device)
-        .reshape([1, 1, 1, context_len])
-        .expand([batch, 1, slots, context_len]);
-    let visible = context_visible(context_key, slot_anchor, window).repeat_dim(2, group);
-    let scores = query
-        .clone()
-        .matmul(key.clone().narrow(2, 0, context_len).swap_dims(2, 3))
-        * scale;
-    let context = Partial::new(
-        scores.mask_fill(visible.bool_not(), HIDDEN_SCORE),
-        value.clone().narrow(2, 0, context_len),
+    // Context part: rows `g·slots + s`, a slot's anchor (and the window) decides what it sees.
+    let (context, _) = leading_part(
+        query.clone(),
+        key.clone(),
+        value.clone(),
+        visibility,
+        group,
+        context_len,
+        scale,
     );
 
     // Block part: a slot sees every slot of its own block (and nothing once dropped).
@@ -378,12 +396,11 @@ fn ttt_attention<B: Backend>(
     query: Tensor<B, 4>,
     key: Tensor<B, 4>,
     value: Tensor<B, 4>,
-    lens: Tensor<B, 1, Int>,
+    visibility: &Visibility<B>,
     len: usize,
     step: usize,
     scale: f64,
 ) -> Tensor<B, 4> {
-    let device = query.device();
     let [batch, heads, q_len, d] = query.dims();
     let [_, kv_heads, k_len, _] = key.dims();
     assert_eq!(q_len, len, "attention: one TTT query per position");
@@ -394,36 +411,17 @@ fn ttt_attention<B: Backend>(
     );
     let group = heads / kv_heads;
     let query = query.reshape([batch, kv_heads, group * len, d]);
-    let valid = (lens - step as i64).reshape([batch, 1, 1, 1]);
-    let iota = Tensor::<B, 1, Int>::arange(0..len as i64, &device);
-    let q_pos = iota
-        .clone()
-        .reshape([1, 1, len, 1])
-        .expand([batch, 1, len, len]);
-    let k_pos = iota
-        .clone()
-        .reshape([1, 1, 1, len])
-        .expand([batch, 1, len, len]);
-    let visible = k_pos
-        .clone()
-        .lower_equal(q_pos.clone())
-        .bool_and(k_pos.lower(valid.clone().expand([batch, 1, len, len])))
-        .bool_and(q_pos.lower(valid.clone().expand([batch, 1, len, len])))
-        .repeat_dim(2, group);
-    let scores = query
-        .clone()
-        .matmul(key.clone().narrow(2, 0, len).swap_dims(2, 3))
-        * scale;
-    let causal = Partial::new(
-        scores.mask_fill(visible.bool_not(), HIDDEN_SCORE),
-        value.clone().narrow(2, 0, len),
+    // Step-0 keys, causally; a query that sees none of them is inactive (past its row's
+    // length) and sees nothing at all.
+    let (causal, active) = leading_part(
+        query.clone(),
+        key.clone(),
+        value.clone(),
+        visibility,
+        group,
+        len,
+        scale,
     );
-    let active = iota
-        .reshape([1, 1, len])
-        .expand([batch, group, len])
-        .lower(valid.reshape([batch, 1, 1]).expand([batch, group, len]))
-        .float()
-        .reshape([batch, 1, group * len, 1]);
     if step == 0 {
         let out = causal.out / causal.sum;
         return (out * active).reshape([batch, heads, len, d]);

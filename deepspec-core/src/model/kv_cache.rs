@@ -36,10 +36,6 @@ impl<B: Backend> KvCache<B> {
         self.slot_positions.len()
     }
 
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
     /// Slots in use (the longest row, padding and rolled-back slots included).
     pub fn slots(&self) -> usize {
         self.slot_positions.first().map_or(0, Vec::len)

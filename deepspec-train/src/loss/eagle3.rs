@@ -18,6 +18,8 @@ pub struct Eagle3Loss<B: Backend> {
     /// Each step's pre-norm hidden state `[b, L, H]` (for inspection and tests).
     pub step_hidden: Vec<Tensor<B, 3>>,
     pub metrics: DeviceMetrics<B>,
+    /// Positions supervised at step 0 (the drafter's predictions per unrolled step).
+    pub supervised: usize,
 }
 
 /// `pm_k[b][t]`: `loss_mask[t + k]`, with each row's last real token excluded.
@@ -143,6 +145,7 @@ pub fn eagle3_loss<B: HeadLossBackend>(
     metrics.add("tau_greedy", tau(survive_greedy), step0);
     metrics.add("tau_probabilistic", tau(survive_prob), step0);
     Eagle3Loss {
+        supervised: step0 as usize,
         total: losses.total,
         step_losses,
         step_hidden,
