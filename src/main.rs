@@ -32,6 +32,9 @@ enum Command {
     Train(commands::train::TrainArgs),
     /// Measure accepted length with a verifying speculative-decoding loop on benchmark sets.
     Eval(commands::eval::EvalArgs),
+    /// Write a training checkpoint the way serving engines load it (DeepSeek-V4: the `mtp.*`
+    /// tensors alone, to merge into the target repository).
+    Export(commands::export::ExportArgs),
     /// Recipes: show the resolved settings.
     #[command(subcommand)]
     Recipe(commands::train::RecipeCommand),
@@ -50,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Command::Datasets(cmd) => commands::datasets::run(cmd),
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Export(args) => commands::export::run(args),
         Command::Recipe(cmd) => commands::train::run_recipe(cmd),
         Command::Generate(args) => commands::generate::run(args),
         Command::Bench(cmd) => commands::bench::run(cmd),

@@ -71,3 +71,15 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
     }
     worst
 }
+
+/// The DeepSeek-V4 fixture folder: `DEEPSPEC_GOLDEN_V4_DIR`, default the repository's copy
+/// `tests/golden-v4` (transformers' own DeepSeek-V4 code on tiny configs; see its README).
+pub fn golden_v4_dir() -> PathBuf {
+    let dir = from_env("DEEPSPEC_GOLDEN_V4_DIR", "tests/golden-v4");
+    assert!(
+        dir.join("config.json").exists() && dir.join("stack.safetensors").exists(),
+        "DeepSeek-V4 fixtures not found in {} (set DEEPSPEC_GOLDEN_V4_DIR)",
+        dir.display()
+    );
+    dir
+}

@@ -30,6 +30,11 @@ pub enum LayerIdsError {
         num_layers.saturating_sub(2)
     )]
     OutOfRange { id: usize, num_layers: usize },
+    #[error(
+        "layer {id} is out of range: the target has {num_layers} decoder layers (valid: 0..={})",
+        num_layers.saturating_sub(1)
+    )]
+    NoSuchLayer { id: usize, num_layers: usize },
 }
 
 impl TargetLayerIds {
@@ -61,6 +66,16 @@ impl TargetLayerIds {
     pub fn check(&self, num_layers: usize) -> Result<(), LayerIdsError> {
         match self.0.iter().find(|&&l| l + 1 >= num_layers) {
             Some(&id) => Err(LayerIdsError::OutOfRange { id, num_layers }),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks every id names one of `num_layers` decoder layers, the last included: DeepSeek-V4
+    /// drafters tap the last layer's completed mHC output (V4-Flash: `[40, 41, 42]` of 43),
+    /// while its final hidden state comes after the hyper head and the final norm.
+    pub fn check_including_last(&self, num_layers: usize) -> Result<(), LayerIdsError> {
+        match self.0.iter().find(|&&l| l >= num_layers) {
+            Some(&id) => Err(LayerIdsError::NoSuchLayer { id, num_layers }),
             None => Ok(()),
         }
     }

@@ -69,6 +69,11 @@ fn default_seed() -> u64 {
 pub struct ModelSection {
     /// A `.gguf` file or a Hugging Face folder, relative to the current directory.
     pub target_model_name_or_path: PathBuf,
+    /// The target's `config.json` when the target folder is not on this machine: `train
+    /// --dry-run` plans from it (DeepSeek-V4 recipes ship the published architectures in
+    /// `recipes/configs/`). The target folder's own `config.json` wins when it exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_config: Option<PathBuf>,
     /// Decoder layers whose outputs are cached, strictly increasing, each below the last layer
     /// (checked against the target by [`Recipe::check_layers`]).
     pub target_layer_ids: TargetLayerIds,

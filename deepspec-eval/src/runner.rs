@@ -32,7 +32,19 @@ pub fn turn_prompt(
     template.prompt_ids(tok, messages, Some(false))
 }
 
-/// Builds the proposer for a drafter.
+/// Whether `drafter` can be evaluated online (drafting against a target this binary runs).
+/// DeepSeek-V4 drafters cannot: their target does not run in deepspec.
+pub fn check_online<B: Backend>(drafter: &Drafter<B>) -> anyhow::Result<()> {
+    if matches!(drafter, Drafter::DSparkV4(_)) {
+        anyhow::bail!(
+            "DeepSeek-V4 drafters cannot be evaluated online here: their target does not run in deepspec (serve it with SGLang or vLLM, which load the exported drafter)"
+        );
+    }
+    Ok(())
+}
+
+/// Builds the proposer for a drafter ([`check_online`] first: a DeepSeek-V4 drafter has
+/// none).
 pub fn proposer<'m, B: Backend>(
     drafter: &'m Drafter<B>,
     config: &DrafterConfig,
@@ -48,6 +60,7 @@ pub fn proposer<'m, B: Backend>(
                 .expect("DSpark configs carry mask_token_id"),
         )),
         Drafter::Eagle3(m) => Box::new(Eagle3Proposer::new(m, rope, config.block_size)),
+        Drafter::DSparkV4(_) => panic!("{}", check_online(drafter).unwrap_err()),
     }
 }
 
@@ -67,6 +80,7 @@ pub fn run_set<B: Backend>(
     batch_size: usize,
     progress: &ProgressBar,
 ) -> anyhow::Result<SetRun> {
+    check_online(drafter)?;
     let started = Instant::now();
     let mut run = SetRun {
         stats: AcceptanceStats::default(),

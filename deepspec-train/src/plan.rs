@@ -160,14 +160,19 @@ impl TrainPlan {
                 expected: target.hidden_size,
             });
         }
-        self.drafter
-            .target_layer_ids
-            .check(target.num_hidden_layers)
-            .map_err(|e| RecipeError::Invalid {
-                path: self.recipe_path.clone(),
-                field: "model.target_layer_ids".into(),
-                detail: e.to_string(),
-            })?;
+        let ids = &self.drafter.target_layer_ids;
+        // DeepSeek-V4 taps may include the last layer (its final hidden state comes after
+        // the hyper head); the other families cache the last layer's output separately.
+        let checked = if target.family == deepspec_core::model::Family::DeepseekV4 {
+            ids.check_including_last(target.num_hidden_layers)
+        } else {
+            ids.check(target.num_hidden_layers)
+        };
+        checked.map_err(|e| RecipeError::Invalid {
+            path: self.recipe_path.clone(),
+            field: "model.target_layer_ids".into(),
+            detail: e.to_string(),
+        })?;
         Ok(())
     }
 }

@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
-use deepspec_core::drafter::{Drafter, DrafterConfig};
+use deepspec_core::drafter::{BlockDrafter, Drafter, DrafterConfig};
 use deepspec_core::sampling::Rng;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -74,52 +74,8 @@ pub fn micro_loss<B: AutodiffBackend + HeadLossBackend>(
     let rope = config.base.rope();
     let chunk = settings.head_chunk_tokens;
     match drafter {
-        Drafter::DSpark(model) => {
-            let anchors = sample_anchors(
-                &batch.loss_mask,
-                config.num_anchors,
-                &mut RandomAnchors { rng },
-            );
-            let layout = build_blocks(
-                &batch.input_ids,
-                &batch.loss_mask,
-                &anchors,
-                config.block_size,
-                config
-                    .mask_token_id
-                    .expect("DSpark config has mask_token_id"),
-            );
-            let supervised = layout
-                .eval_mask
-                .iter()
-                .flatten()
-                .flatten()
-                .filter(|&&e| e)
-                .count();
-            let mut loss = dspark_loss(
-                model,
-                &rope,
-                batch,
-                features,
-                &layout,
-                &settings.dspark_loss,
-                chunk,
-            );
-            let n = anchors.candidates.len() as f64;
-            let kept: usize = anchors.keep.iter().flatten().filter(|&&k| k).count();
-            let len = batch.seq_len() as f64;
-            let candidates: usize = anchors.candidates.iter().sum();
-            let m = &mut loss.metrics;
-            m.add_host("valid_anchors_abs", candidates as f64, n);
-            m.add_host("valid_anchors_ratio", candidates as f64 / len.max(1.0), n);
-            m.add_host("sampled_anchors_abs", kept as f64, n);
-            m.add_host(
-                "sampled_anchors_ratio",
-                kept as f64 / config.num_anchors as f64,
-                n,
-            );
-            (loss.total, loss.metrics, supervised)
-        }
+        Drafter::DSpark(model) => block_micro_loss(model, config, batch, features, rng, settings),
+        Drafter::DSparkV4(model) => block_micro_loss(model, config, batch, features, rng, settings),
         Drafter::Eagle3(model) => {
             let loss = eagle3_loss(
                 model,
@@ -133,6 +89,62 @@ pub fn micro_loss<B: AutodiffBackend + HeadLossBackend>(
             (loss.total, loss.metrics, loss.supervised)
         }
     }
+}
+
+/// A block drafter's micro-step: sample anchors, lay out the blocks, forward and loss.
+fn block_micro_loss<B: AutodiffBackend + HeadLossBackend, M: BlockDrafter<B>>(
+    model: &M,
+    config: &DrafterConfig,
+    batch: &TrainBatch,
+    features: &Features<B>,
+    rng: &mut Rng,
+    settings: &TrainSettings,
+) -> (Tensor<B, 1>, DeviceMetrics<B>, usize) {
+    let rope = config.base.rope();
+    let anchors = sample_anchors(
+        &batch.loss_mask,
+        config.num_anchors,
+        &mut RandomAnchors { rng },
+    );
+    let layout = build_blocks(
+        &batch.input_ids,
+        &batch.loss_mask,
+        &anchors,
+        config.block_size,
+        config
+            .mask_token_id
+            .expect("DSpark config has mask_token_id"),
+    );
+    let supervised = layout
+        .eval_mask
+        .iter()
+        .flatten()
+        .flatten()
+        .filter(|&&e| e)
+        .count();
+    let mut loss = dspark_loss(
+        model,
+        &rope,
+        batch,
+        features,
+        &layout,
+        &settings.dspark_loss,
+        settings.head_chunk_tokens,
+    );
+    let n = anchors.candidates.len() as f64;
+    let kept: usize = anchors.keep.iter().flatten().filter(|&&k| k).count();
+    let len = batch.seq_len() as f64;
+    let candidates: usize = anchors.candidates.iter().sum();
+    let m = &mut loss.metrics;
+    m.add_host("valid_anchors_abs", candidates as f64, n);
+    m.add_host("valid_anchors_ratio", candidates as f64 / len.max(1.0), n);
+    m.add_host("sampled_anchors_abs", kept as f64, n);
+    m.add_host(
+        "sampled_anchors_ratio",
+        kept as f64 / config.num_anchors as f64,
+        n,
+    );
+    (loss.total, loss.metrics, supervised)
 }
 
 /// Trains `drafter` on `data`, checkpointing into `out`. With `resume`, continues from

@@ -390,6 +390,7 @@ impl OnBackend for EvalBench {
                 )
             })
             .collect::<anyhow::Result<_>>()?;
+        deepspec_eval::runner::check_online(&drafter)?;
         // Warm up both paths once.
         let mut warm = deepspec_eval::runner::proposer(&drafter, &config);
         decode(

@@ -1,7 +1,92 @@
 //! `deepspec cache ...`: check, summarize and import training caches.
 
-use deepspec_core::cache::{self, CacheReader};
+use anyhow::{bail, Context};
+use deepspec_core::cache::synthetic::{write_v4_cache, write_v4_target, SyntheticCache};
+use deepspec_core::cache::{self, CacheReader, Manifest};
+use deepspec_core::recipe::Recipe;
 use std::path::PathBuf;
+
+fn synthetic_v4(
+    recipe_name: &str,
+    out: Option<PathBuf>,
+    samples: usize,
+    seq_len: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let path = crate::commands::train::resolve_recipe(recipe_name);
+    let recipe = Recipe::load_with(&path, &[])?;
+    let target = &recipe.model.target_model_name_or_path;
+    let Some(out) = out.or(recipe.data.target_cache_path.clone()) else {
+        bail!(
+            "no cache folder: pass --out DIR or set data.target_cache_path in {}",
+            path.display()
+        );
+    };
+    if Manifest::path(&out).exists() {
+        bail!(
+            "{} already holds a cache; choose another --out",
+            out.display()
+        );
+    }
+    if seq_len > recipe.data.max_length {
+        bail!(
+            "--seq-len {seq_len} is longer than data.max_length ({}) in {}",
+            recipe.data.max_length,
+            path.display()
+        );
+    }
+    if !target.join("config.json").exists() {
+        let Some(config) = &recipe.model.target_config else {
+            bail!(
+                "{} has no config.json and {} sets no model.target_config to make one from",
+                target.display(),
+                path.display()
+            );
+        };
+        let text = std::fs::read_to_string(config)
+            .with_context(|| format!("reading model.target_config {}", config.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", config.display()))?;
+        if !deepspec_core::model::v4::V4Config::is_v4(&json) {
+            bail!(
+                "{}: model_type is not deepseek_v4; synthetic-v4 makes DeepSeek-V4 targets only",
+                config.display()
+            );
+        }
+        write_v4_target(target, &json, seed)?;
+        println!(
+            "wrote a synthetic DeepSeek-V4 target to {}",
+            target.display()
+        );
+    } else if !deepspec_core::model::is_deepseek_v4(target) {
+        bail!(
+            "{} is not a DeepSeek-V4 model folder (its config.json's model_type)",
+            target.display()
+        );
+    }
+    let hc_mult = {
+        let text = std::fs::read_to_string(target.join("config.json"))?;
+        let json: serde_json::Value = serde_json::from_str(&text)?;
+        json["hc_mult"].as_u64().unwrap_or(4) as usize
+    };
+    let spec = SyntheticCache {
+        samples,
+        seq_len,
+        prompt_len: seq_len / 8,
+        target_layer_ids: recipe.model.target_layer_ids.clone(),
+        hc_mult,
+        seed,
+    };
+    let m = write_v4_cache(&out, target, &spec)?;
+    println!(
+        "wrote a synthetic V4-shaped cache to {}: {} samples, {} tokens, taps {}",
+        out.display(),
+        m.num_samples,
+        m.num_tokens,
+        m.target_layer_ids
+    );
+    Ok(())
+}
 
 #[derive(clap::Subcommand, Debug)]
 pub enum CacheCommand {
@@ -24,6 +109,26 @@ pub enum CacheCommand {
         #[arg(long, default_value_t = 1 << 30)]
         shard_max_bytes: u64,
     },
+    /// A synthetic DeepSeek-V4-shaped target and cache for a V4 recipe, where no V4 target
+    /// runs (CPU demos and tests): the target folder gets `config.json` from the recipe's
+    /// `model.target_config` and random `embed.weight` / `head.weight` (only when it does not
+    /// exist yet); the cache gets features with V4's shape and meaning (each tap the mean
+    /// over the mHC streams).
+    SyntheticV4 {
+        /// A DeepSeek-V4 recipe (e.g. `dspark-v4-tiny`).
+        #[arg(long)]
+        recipe: String,
+        /// New cache folder (default: the recipe's `data.target_cache_path`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 32)]
+        samples: usize,
+        /// Tokens per sample (at most the recipe's `data.max_length`).
+        #[arg(long, default_value_t = 96)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
@@ -41,6 +146,13 @@ pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
             Ok(())
         }
         CacheCommand::Stats { dir } => stats(&dir),
+        CacheCommand::SyntheticV4 {
+            recipe,
+            out,
+            samples,
+            seq_len,
+            seed,
+        } => synthetic_v4(&recipe, out, samples, seq_len, seed),
         CacheCommand::ImportDeepspec {
             src,
             dst,

@@ -5,8 +5,8 @@ use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use deepspec_core::backend::set_compute_dtype;
-use deepspec_core::drafter::init::new_drafter;
-use deepspec_core::model::load_target;
+use deepspec_core::drafter::init::{new_drafter, new_v4_drafter};
+use deepspec_core::model::{is_deepseek_v4, load_target, TargetConfig};
 use deepspec_core::recipe::Recipe;
 use deepspec_train::data::CacheSource;
 use deepspec_train::plan::TrainPlan;
@@ -76,15 +76,29 @@ impl OnBackend for TrainArgs {
         set_compute_dtype::<B>(&device, plan.precision.dtype())
             .with_context(|| format!("{}: train.precision", recipe_path.display()))?;
         let reader = plan.open_cache()?;
-        let target = load_target::<Autodiff<B>>(&plan.target, &device).with_context(|| {
-            format!(
-                "loading target {} (recipe field model.target_model_name_or_path)",
-                plan.target.display()
-            )
-        })?;
-        plan.check_target(&reader.manifest, &target.config)?;
-        let (drafter, config) = new_drafter(&target, &plan.drafter, &device)?;
-        drop(target);
+        let (drafter, config) = if is_deepseek_v4(&plan.target) {
+            // The V4 target does not run here: its architecture from config.json, its frozen
+            // embedding and head from the folder, its features from the engine's cache.
+            let target = TargetConfig::from_hf_json(&plan.target.join("config.json"))?;
+            plan.check_target(&reader.manifest, &target)?;
+            new_v4_drafter::<Autodiff<B>>(&plan.target, &plan.drafter, &device).with_context(
+                || {
+                    format!(
+                        "building a DeepSeek-V4 DSpark drafter for {} (recipe field model.target_model_name_or_path)",
+                        plan.target.display()
+                    )
+                },
+            )?
+        } else {
+            let target = load_target::<Autodiff<B>>(&plan.target, &device).with_context(|| {
+                format!(
+                    "loading target {} (recipe field model.target_model_name_or_path)",
+                    plan.target.display()
+                )
+            })?;
+            plan.check_target(&reader.manifest, &target.config)?;
+            new_drafter(&target, &plan.drafter, &device)?
+        };
         let data = CacheSource { reader };
         eprintln!(
             "training {} on {} samples from {} -> {}",

@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod reader;
 pub mod reference;
 pub mod schema;
+pub mod synthetic;
 pub mod writer;
 
 pub use manifest::{JobSettings, Manifest, ShardEntry, TargetIdentity};

@@ -2,8 +2,10 @@
 //! fields (the reference's `save_pretrained` output). The whole JSON object is kept so a save writes back exactly
 //! what was read; typed accessors validate what the model needs.
 
+use crate::drafter::dspark_v4::DSparkV4Keys;
 use crate::layers::TargetLayerIds;
 use crate::model::config::TargetConfig;
+use crate::model::v4::V4Config;
 use crate::LoadError;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -88,6 +90,8 @@ pub struct DrafterConfig {
     pub step_loss_decay: f64,
     /// `dtype` of the stored tensors ("float32" or "bfloat16").
     pub dtype: String,
+    /// A DeepSeek-V4 DSpark drafter: the target's V4 architecture and the drafter's own keys.
+    pub v4: Option<(V4Config, DSparkV4Keys)>,
 }
 
 impl DrafterConfig {
@@ -104,6 +108,9 @@ impl DrafterConfig {
             .ok_or_else(|| LoadError::corrupt(path, "config is not a JSON object"))?
             .clone();
         let field = |key: &str, detail: &str| LoadError::field(path, key, detail.to_string());
+        if V4Config::is_v4(&json) {
+            return Self::from_v4_json(path, json, obj);
+        }
         let arch = obj
             .get("architectures")
             .and_then(|a| a.get(0))
@@ -160,6 +167,7 @@ impl DrafterConfig {
             step_loss_decay: 0.8,
             dtype,
             json: obj.clone(),
+            v4: None,
         };
         match arch.as_str() {
             "Qwen3DSparkModel" => {
@@ -222,6 +230,115 @@ impl DrafterConfig {
             }
         }
         Ok(config)
+    }
+
+    /// A DeepSeek-V4 drafter's config: the target's `config.json` with the keys SGLang's and
+    /// vLLM's DSpark loaders read (`dspark_block_size`, `dspark_noise_token_id`,
+    /// `dspark_target_layer_ids`, `dspark_markov_rank`, `enable_confidence_head`,
+    /// `confidence_head_with_markov`, `n_mtp_layers`). One stage per tapped layer, as SGLang
+    /// builds it.
+    fn from_v4_json(path: &Path, json: Value, obj: Map<String, Value>) -> Result<Self, LoadError> {
+        let field = |key: &str, detail: String| LoadError::field(path, key, detail);
+        let v4 = V4Config::from_json(path, &json)?;
+        let base = TargetConfig::from_hf_value(path, &json)?;
+        let uint = |key: &str| -> Result<usize, LoadError> {
+            obj.get(key)
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| {
+                    field(
+                        key,
+                        "missing or not an unsigned integer (a DeepSeek-V4 DSpark drafter config needs dspark_block_size, dspark_noise_token_id, dspark_target_layer_ids, dspark_markov_rank)".into(),
+                    )
+                })
+        };
+        let signed_ids: Vec<i64> = obj
+            .get("dspark_target_layer_ids")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_i64).collect())
+            .ok_or_else(|| {
+                field(
+                    "dspark_target_layer_ids",
+                    "missing or not a list of integers".into(),
+                )
+            })?;
+        let target_layer_ids = TargetLayerIds::from_signed(&signed_ids)
+            .and_then(|ids| ids.check_including_last(v4.num_hidden_layers).map(|()| ids))
+            .map_err(|e| {
+                field(
+                    "dspark_target_layer_ids",
+                    format!("{e} (num_hidden_layers = {})", v4.num_hidden_layers),
+                )
+            })?;
+        let markov_rank = uint("dspark_markov_rank")?;
+        let confidence_head = obj
+            .get("enable_confidence_head")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let confidence_with_markov = confidence_head
+            && obj
+                .get("confidence_head_with_markov")
+                .and_then(Value::as_bool)
+                .unwrap_or(markov_rank > 0);
+        if confidence_with_markov && markov_rank == 0 {
+            return Err(field(
+                "confidence_head_with_markov",
+                "needs a Markov head (dspark_markov_rank > 0)".into(),
+            ));
+        }
+        let num_stages = target_layer_ids.len();
+        if let Some(n) = obj.get("n_mtp_layers").and_then(Value::as_u64) {
+            if n as usize != num_stages {
+                return Err(field(
+                    "n_mtp_layers",
+                    format!(
+                        "{n} stages, but dspark_target_layer_ids has {num_stages} entries; SGLang builds one stage per tapped layer, so the two must agree"
+                    ),
+                ));
+            }
+        }
+        let dtype = obj
+            .get("dtype")
+            .or(obj.get("torch_dtype"))
+            .and_then(Value::as_str)
+            .unwrap_or("bfloat16")
+            .to_string();
+        let mask = uint("dspark_noise_token_id")?;
+        if mask >= v4.vocab_size {
+            return Err(field(
+                "dspark_noise_token_id",
+                format!("{mask} is not below vocab_size ({})", v4.vocab_size),
+            ));
+        }
+        Ok(DrafterConfig {
+            path: path.to_path_buf(),
+            algorithm: Algorithm::DSpark,
+            num_target_layers: v4.num_hidden_layers,
+            target_layer_ids,
+            block_size: uint("dspark_block_size")?,
+            mask_token_id: Some(mask as u32),
+            num_anchors: obj
+                .get("num_anchors")
+                .and_then(Value::as_u64)
+                .unwrap_or(512) as usize,
+            markov_rank,
+            markov_kind: MarkovKind::Vanilla,
+            confidence_head,
+            confidence_with_markov,
+            step_loss_decay: 0.8,
+            dtype,
+            base,
+            json: obj,
+            v4: Some((
+                v4,
+                DSparkV4Keys {
+                    num_stages,
+                    markov_rank,
+                    confidence_head,
+                    confidence_with_markov,
+                },
+            )),
+        })
     }
 
     /// Width of the concatenated tapped features: `len(target_layer_ids) * hidden_size`.

@@ -53,6 +53,7 @@ fn target_json(target_path: &Path, config: &TargetConfig) -> Result<Map<String, 
     let model_type = match config.family {
         Family::Qwen3 => "qwen3",
         Family::Llama => "llama",
+        Family::DeepseekV4 => "deepseek_v4",
     };
     let value = json!({
         "model_type": model_type,
@@ -174,9 +175,16 @@ impl WeightSource for InitSource {
             "embed_tokens.weight" if self.embed.is_some() => {
                 return Ok(self.embed.clone().unwrap())
             }
-            "lm_head.weight" if self.head.is_some() => return Ok(self.head.clone().unwrap()),
+            "lm_head.weight" | "head.weight" if self.head.is_some() => {
+                return Ok(self.head.clone().unwrap())
+            }
+            "embed.weight" if self.embed.is_some() => return Ok(self.embed.clone().unwrap()),
             _ if name.ends_with("norm.weight") => vec![1.0; n],
             _ if name.ends_with(".bias") => vec![0.0; n],
+            // DeepSeek-V4's mHC and sinks start where transformers' own init puts them:
+            // scales 1, biases and sinks 0 (uniform mixing, pre/post weights at σ(0)).
+            _ if name.ends_with("_scale") => vec![1.0; n],
+            _ if name.ends_with("_base") || name.ends_with("attn_sink") => vec![0.0; n],
             _ => self.normal(n),
         };
         Ok(HostTensor::new(shape.to_vec(), data))
@@ -218,6 +226,85 @@ pub fn random_drafter<B: Backend>(
         origin: PathBuf::from("<synthetic target>"),
         embed: None,
         head: None,
+        std: spec.initializer_range,
+        rng: std::cell::RefCell::new(Rng::new(spec.seed)),
+    };
+    let drafter = Drafter::from_source(&source, &config, device)?;
+    Ok((drafter, config))
+}
+
+/// The `config.json` of a new DeepSeek-V4 DSpark drafter: the target's own config without
+/// its `quantization_config` (the drafter is stored unquantized), `compress_ratios` extended
+/// by one 0 per stage (sliding-window only, as DeepSeek's published drafter config has it),
+/// and the `dspark_*` keys the engines read.
+pub fn new_v4_config(target_path: &Path, spec: &DrafterSpec) -> Result<DrafterConfig, LoadError> {
+    let file = target_path.join("config.json");
+    let text = std::fs::read_to_string(&file).map_err(|e| LoadError::io(&file, e))?;
+    let value: Value = serde_json::from_str(&text)
+        .map_err(|e| LoadError::corrupt(&file, format!("not valid JSON: {e}")))?;
+    let Value::Object(mut c) = value else {
+        return Err(LoadError::corrupt(&file, "config is not a JSON object"));
+    };
+    let stages = spec.target_layer_ids.len();
+    if spec.num_draft_layers != stages {
+        return Err(LoadError::field(
+            &file,
+            "model.num_draft_layers",
+            format!(
+                "a DeepSeek-V4 DSpark drafter has one stage per tapped layer: the recipe asks for {} draft layers and {stages} target_layer_ids; make them equal",
+                spec.num_draft_layers
+            ),
+        ));
+    }
+    if spec.algorithm != Algorithm::DSpark || spec.markov_kind != MarkovKind::Vanilla {
+        return Err(LoadError::field(
+            &file,
+            "model.algorithm",
+            "DeepSeek-V4 targets take `dspark` drafters with a vanilla Markov head (what SGLang and vLLM load)".to_string(),
+        ));
+    }
+    c.remove("quantization_config");
+    let layers = c["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    if let Some(Value::Array(ratios)) = c.get_mut("compress_ratios") {
+        if ratios.len() == layers {
+            ratios.extend(std::iter::repeat_n(json!(0), stages));
+        }
+    }
+    c.insert("dspark_block_size".into(), json!(spec.block_size));
+    c.insert("dspark_noise_token_id".into(), json!(spec.mask_token_id));
+    c.insert(
+        "dspark_target_layer_ids".into(),
+        json!(spec.target_layer_ids),
+    );
+    c.insert("dspark_markov_rank".into(), json!(spec.markov_rank));
+    c.insert("enable_confidence_head".into(), json!(spec.confidence_head));
+    c.insert(
+        "confidence_head_with_markov".into(),
+        json!(spec.confidence_head && spec.confidence_with_markov),
+    );
+    c.insert("n_mtp_layers".into(), json!(stages));
+    c.insert("num_anchors".into(), json!(spec.num_anchors));
+    c.insert("dtype".into(), json!(spec.dtype));
+    DrafterConfig::from_json(&file, Value::Object(c))
+}
+
+/// A fresh DeepSeek-V4 DSpark drafter for the V4 target folder `target_path`: its
+/// `config.json`, and its `embed.weight` and `head.weight` (the only target tensors read).
+pub fn new_v4_drafter<B: Backend>(
+    target_path: &Path,
+    spec: &DrafterSpec,
+    device: &B::Device,
+) -> Result<(Drafter<B>, DrafterConfig), LoadError> {
+    let config = new_v4_config(target_path, spec)?;
+    let weights = crate::io::safetensors::SafetensorsCheckpoint::open_dir(target_path)?;
+    let (embed, head) = (
+        weights.tensor("embed.weight")?,
+        weights.tensor("head.weight")?,
+    );
+    let source = InitSource {
+        origin: target_path.to_path_buf(),
+        embed: Some(embed),
+        head: Some(head),
         std: spec.initializer_range,
         rng: std::cell::RefCell::new(Rng::new(spec.seed)),
     };

@@ -5,12 +5,14 @@
 
 pub mod config;
 pub mod dspark;
+pub mod dspark_v4;
 pub mod eagle3;
 pub mod heads;
 pub mod init;
 
 pub use config::{Algorithm, DrafterConfig, MarkovKind};
 pub use dspark::{BlockDraft, BlockFeatures, BlockInputs, DSparkModel};
+pub use dspark_v4::{DSparkV4Keys, DSparkV4Model};
 pub use eagle3::Eagle3Model;
 
 use crate::io::safetensors::{write_tensors, Dtype, NamedTensor, SafetensorsCheckpoint};
@@ -156,13 +158,51 @@ fn times_transposed<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>
         .reshape(out)
 }
 
-/// A loaded drafter of either family.
+/// What the block-drafter training loss needs from a drafter: its training forward over
+/// every block of a micro-batch and the weights of the "LM head + loss" seam. The Qwen-style
+/// DSpark/DFlash model and DeepSeek-V4's DSpark drafter both provide it.
+pub trait BlockDrafter<B: Backend> {
+    fn device(&self) -> B::Device;
+    fn hidden_size(&self) -> usize;
+    fn head(&self) -> HeadWeights<B>;
+    /// Every block slot's LM-head input, Markov features and confidence logit, from context
+    /// features `ctx_raw [b, L, n_t·H]`.
+    fn block_features(
+        &self,
+        rope: &crate::model::rope::Rope,
+        ctx_raw: Tensor<B, 3>,
+        blocks: &BlockInputs<B>,
+    ) -> BlockFeatures<B>;
+}
+
+impl<B: Backend> BlockDrafter<B> for DSparkModel<B> {
+    fn device(&self) -> B::Device {
+        DSparkModel::device(self)
+    }
+    fn hidden_size(&self) -> usize {
+        DSparkModel::hidden_size(self)
+    }
+    fn head(&self) -> HeadWeights<B> {
+        DSparkModel::head(self)
+    }
+    fn block_features(
+        &self,
+        rope: &crate::model::rope::Rope,
+        ctx_raw: Tensor<B, 3>,
+        blocks: &BlockInputs<B>,
+    ) -> BlockFeatures<B> {
+        DSparkModel::block_features(self, rope, ctx_raw, blocks)
+    }
+}
+
+/// A loaded drafter of any family.
 // One value per loaded checkpoint: the size gap between variants costs nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Drafter<B: Backend> {
     DSpark(DSparkModel<B>),
     Eagle3(Eagle3Model<B>),
+    DSparkV4(DSparkV4Model<B>),
 }
 
 /// Every float parameter of a module with its checkpoint key (its module path).
@@ -209,7 +249,7 @@ impl<B: Backend> ModuleVisitor<B> for Collector<B> {
 /// its model in.
 fn checkpoint_key(path: &[String]) -> String {
     path.iter()
-        .filter(|p| p.as_str() != "DSpark" && p.as_str() != "Eagle3")
+        .filter(|p| !matches!(p.as_str(), "DSpark" | "Eagle3" | "DSparkV4"))
         .cloned()
         .collect::<Vec<_>>()
         .join(".")
@@ -245,12 +285,7 @@ impl<B: Backend> Drafter<B> {
     pub fn load(dir: &Path, device: &B::Device) -> Result<(Self, DrafterConfig), LoadError> {
         let config = DrafterConfig::from_file(&dir.join("config.json"))?;
         let src = SafetensorsCheckpoint::open_dir(dir)?;
-        let drafter = match config.algorithm {
-            Algorithm::DSpark | Algorithm::DFlash => {
-                Drafter::DSpark(DSparkModel::load(&src, &config, device)?)
-            }
-            Algorithm::Eagle3 => Drafter::Eagle3(Eagle3Model::load(&src, &config, device)?),
-        };
+        let drafter = Self::from_source(&src, &config, device)?;
         let expected: usize = named_params(&drafter, false).len();
         let stored = src.names().len();
         if stored != expected {
@@ -271,12 +306,47 @@ impl<B: Backend> Drafter<B> {
         Ok((drafter, config))
     }
 
+    /// Loads a drafter [`Drafter::export`] wrote. A DeepSeek-V4 export holds the `mtp.*`
+    /// tensors only (as DeepSeek ships them), so the frozen `embed.weight` and `head.weight`
+    /// are read from the target folder `target`; other families load as [`Drafter::load`].
+    pub fn load_export(
+        dir: &Path,
+        target: &Path,
+        device: &B::Device,
+    ) -> Result<(Self, DrafterConfig), LoadError> {
+        let config = DrafterConfig::from_file(&dir.join("config.json"))?;
+        let Some((v4, keys)) = &config.v4 else {
+            return Self::load(dir, device);
+        };
+        let src = SafetensorsCheckpoint::open_dir(dir)?;
+        let layout = dspark_v4::v4_layout(v4, keys, config.target_layer_ids.len(), false);
+        if let Some(extra) = src
+            .names()
+            .into_iter()
+            .find(|n| !layout.iter().any(|(k, _)| k == n))
+        {
+            return Err(LoadError::field(
+                dir.join("model.safetensors"),
+                &extra,
+                "is not part of a DeepSeek-V4 DSpark drafter (SGLang and vLLM load only the `mtp.*` tensors listed in docs/deepseek-v4.md); is config.json the one written with these weights?".to_string(),
+            ));
+        }
+        let frozen_src = dspark_v4::target_embedding_and_head(target)?;
+        let model = DSparkV4Model::load(&src, &frozen_src, &config, device)?;
+        Ok((Drafter::DSparkV4(model), config))
+    }
+
     /// Builds the drafter `config` describes from `src`'s tensors.
     pub fn from_source(
         src: &dyn WeightSource,
         config: &DrafterConfig,
         device: &B::Device,
     ) -> Result<Self, LoadError> {
+        if config.v4.is_some() {
+            return Ok(Drafter::DSparkV4(DSparkV4Model::load(
+                src, src, config, device,
+            )?));
+        }
         Ok(match config.algorithm {
             Algorithm::DSpark | Algorithm::DFlash => {
                 Drafter::DSpark(DSparkModel::load(src, config, device)?)
@@ -286,7 +356,9 @@ impl<B: Backend> Drafter<B> {
     }
 
     /// Writes `dir/config.json` and `dir/model.safetensors` in the dtype the config names,
-    /// with `{"format": "pt"}` metadata, as the reference's `save_pretrained` does.
+    /// with `{"format": "pt"}` metadata, as the reference's `save_pretrained` does. A
+    /// DeepSeek-V4 drafter's training checkpoint also holds the frozen `embed.weight` and
+    /// `head.weight`, so it reloads alone; [`export_dir`] leaves them out.
     pub fn save(&self, dir: &Path, config: &DrafterConfig) -> Result<(), LoadError> {
         std::fs::create_dir_all(dir).map_err(|e| LoadError::io(dir, e))?;
         let tensors = state_dict(self);
@@ -298,11 +370,7 @@ impl<B: Backend> Drafter<B> {
                 data: &t.data,
             })
             .collect();
-        let dtype = match config.dtype.as_str() {
-            "float32" => Dtype::F32,
-            "float16" => Dtype::F16,
-            _ => Dtype::BF16,
-        };
+        let dtype = storage_dtype(config);
         let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         write_tensors(&dir.join("model.safetensors"), &named, dtype, &metadata)?;
         let text = serde_json::to_string_pretty(&config.json).expect("config serializes");
@@ -310,6 +378,76 @@ impl<B: Backend> Drafter<B> {
             &dir.join("config.json"),
             (text + "\n").as_bytes(),
         )?)
+    }
+}
+
+/// What [`export_dir`] wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportSummary {
+    pub tensors: usize,
+    pub parameters: u64,
+    /// Tensors of the source left out (DeepSeek-V4: the frozen target embedding and head).
+    pub left_out: Vec<String>,
+}
+
+/// Writes the drafter checkpoint in `src` (a training `step_*` folder) into `out` in the
+/// layout its serving engines load, without building the model: a DeepSeek-V4 drafter as
+/// DeepSeek ships it (`model.safetensors` with the `mtp.*` tensors only, every one checked
+/// against the published layout, and `config.json`: the target's config plus the `dspark_*`
+/// keys); other families as they are. Values are copied in the config's dtype, so a bf16 or
+/// f32 checkpoint exports bit for bit.
+pub fn export_dir(src: &Path, out: &Path) -> Result<ExportSummary, LoadError> {
+    let config = DrafterConfig::from_file(&src.join("config.json"))?;
+    let weights = SafetensorsCheckpoint::open_dir(src)?;
+    let names = weights.names();
+    let wanted: Vec<(String, Vec<usize>)> = match &config.v4 {
+        Some((v4, keys)) => dspark_v4::v4_layout(v4, keys, config.target_layer_ids.len(), false),
+        None => names
+            .iter()
+            .map(|n| Ok((n.clone(), weights.tensor(n)?.shape)))
+            .collect::<Result<_, LoadError>>()?,
+    };
+    std::fs::create_dir_all(out).map_err(|e| LoadError::io(out, e))?;
+    let mut tensors = Vec::with_capacity(wanted.len());
+    for (name, shape) in &wanted {
+        tensors.push((name.as_str(), weights.tensor_shaped(name, shape)?));
+    }
+    let named: Vec<NamedTensor> = tensors
+        .iter()
+        .map(|(name, t)| NamedTensor {
+            name,
+            shape: &t.shape,
+            data: &t.data,
+        })
+        .collect();
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    write_tensors(
+        &out.join("model.safetensors"),
+        &named,
+        storage_dtype(&config),
+        &metadata,
+    )?;
+    let text = serde_json::to_string_pretty(&config.json).expect("config serializes");
+    crate::io::atomic::write_atomically(&out.join("config.json"), (text + "\n").as_bytes())?;
+    Ok(ExportSummary {
+        tensors: wanted.len(),
+        parameters: wanted
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>() as u64)
+            .sum(),
+        left_out: names
+            .into_iter()
+            .filter(|n| !wanted.iter().any(|(w, _)| w == n))
+            .collect(),
+    })
+}
+
+/// The dtype a config says its tensors are stored in.
+fn storage_dtype(config: &DrafterConfig) -> Dtype {
+    match config.dtype.as_str() {
+        "float32" => Dtype::F32,
+        "float16" => Dtype::F16,
+        _ => Dtype::BF16,
     }
 }
 

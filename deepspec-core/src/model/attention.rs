@@ -12,7 +12,7 @@ use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::rope::apply_rotary;
 use burn::module::Module;
-use burn::tensor::{activation::softmax, backend::Backend, Bool, Int, Tensor};
+use burn::tensor::{activation::sigmoid, backend::Backend, Bool, Int, Tensor};
 
 /// Scores of hidden keys are pushed this far down before the softmax; large enough to vanish
 /// against any real score, finite so a row with no visible key stays free of NaN.
@@ -30,6 +30,17 @@ pub enum Visibility<B: Backend> {
         query_positions: Tensor<B, 2, Int>,
         /// `[batch, k_len]`, `-1` for an empty or rolled-back slot.
         key_positions: Tensor<B, 2, Int>,
+    },
+    /// Sliding-window causal attention (DeepSeek-V4's layers): query `i` of row `b` sees key
+    /// `j` iff `query_positions[b, i] - window < key_positions[b, j] <= query_positions[b, i]`
+    /// and the key position is not `-1`; the window holds `window` keys, the query's own
+    /// included.
+    Window {
+        /// `[batch, q_len]`
+        query_positions: Tensor<B, 2, Int>,
+        /// `[batch, k_len]`
+        key_positions: Tensor<B, 2, Int>,
+        window: usize,
     },
     /// DSpark/DFlash blocks: the keys are `context_len` context positions followed by the
     /// blocks' own slots (`num_blocks × block_size`, one query per slot). A slot of block `m`
@@ -82,6 +93,22 @@ impl<B: Backend> Visibility<B> {
                 query_positions,
                 key_positions,
             } => causal_mask(query_positions.clone(), key_positions.clone()),
+            Visibility::Window {
+                query_positions,
+                key_positions,
+                window,
+            } => {
+                let q = query_positions
+                    .clone()
+                    .reshape([batch, q_len, 1])
+                    .expand([batch, q_len, k_len]);
+                let k = key_positions
+                    .clone()
+                    .reshape([batch, 1, k_len])
+                    .expand([batch, q_len, k_len]);
+                causal_mask(query_positions.clone(), key_positions.clone())
+                    .bool_and(k.greater(q - *window as i64))
+            }
             Visibility::Blocks {
                 anchors,
                 block_size,
@@ -181,6 +208,36 @@ pub fn attention<B: Backend>(
     visibility: &Visibility<B>,
     scale: f64,
 ) -> Tensor<B, 4> {
+    attention_lse(query, key, value, visibility, scale).0
+}
+
+/// [`attention`] with a learnable per-head *sink* (DeepSeek-V4's `attn_sink`): a logit
+/// `sink[h]` that joins every softmax denominator of head `h` without a value, so a row's
+/// weights sum to less than one. Equal to `attention(..) · σ(lse − sink[h])`, with `lse` the
+/// log-sum-exp of the row's visible scores; the same seam, one more description.
+pub fn attention_with_sink<B: Backend>(
+    query: Tensor<B, 4>,
+    key: Tensor<B, 4>,
+    value: Tensor<B, 4>,
+    visibility: &Visibility<B>,
+    scale: f64,
+    sink: Tensor<B, 1>,
+) -> Tensor<B, 4> {
+    let heads = query.dims()[1];
+    let (out, lse) = attention_lse(query, key, value, visibility, scale);
+    let sink = sink.reshape([1, heads, 1, 1]);
+    out * sigmoid(lse - sink)
+}
+
+/// The attention output and each row's log-sum-exp of visible scores (`[batch, heads,
+/// q_len, 1]`; about `-1e30` for a row that sees nothing).
+fn attention_lse<B: Backend>(
+    query: Tensor<B, 4>,
+    key: Tensor<B, 4>,
+    value: Tensor<B, 4>,
+    visibility: &Visibility<B>,
+    scale: f64,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let [batch, heads, q_len, _] = query.dims();
     let [_, kv_heads, k_len, _] = key.dims();
     assert_eq!(
@@ -189,10 +246,10 @@ pub fn attention<B: Backend>(
         "attention: {heads} query heads not divisible by {kv_heads} kv heads"
     );
     match visibility {
-        Visibility::All => dense_attention(query, key, value, None, scale),
-        Visibility::Causal { .. } => {
+        Visibility::All => dense_attention_lse(query, key, value, None, scale),
+        Visibility::Causal { .. } | Visibility::Window { .. } => {
             let mask = visibility.dense_mask(batch, q_len, k_len, &query.device());
-            dense_attention(query, key, value, Some(mask), scale)
+            dense_attention_lse(query, key, value, Some(mask), scale)
         }
         Visibility::Blocks {
             anchors,
@@ -224,28 +281,48 @@ pub fn dense_attention<B: Backend>(
     visible: Option<Tensor<B, 4, Bool>>,
     scale: f64,
 ) -> Tensor<B, 4> {
+    dense_attention_lse(query, key, value, visible, scale).0
+}
+
+fn dense_attention_lse<B: Backend>(
+    query: Tensor<B, 4>,
+    key: Tensor<B, 4>,
+    value: Tensor<B, 4>,
+    visible: Option<Tensor<B, 4, Bool>>,
+    scale: f64,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let [batch, heads, q_len, head_dim] = query.dims();
     let [_, kv_heads, k_len, _] = key.dims();
     let group = heads / kv_heads;
     // Fold the query heads of one group into the sequence axis so K and V are never copied.
     let query = query.reshape([batch, kv_heads, group * q_len, head_dim]);
     let scores = query.matmul(key.swap_dims(2, 3)) * scale;
-    let Some(visible) = visible else {
-        return softmax(scores, 3)
-            .matmul(value)
-            .reshape([batch, heads, q_len, head_dim]);
+    let (scores, any_visible) = match visible {
+        None => (scores, None),
+        Some(visible) => {
+            assert_eq!(
+                visible.dims(),
+                [batch, 1, q_len, k_len],
+                "attention: visibility mask shape"
+            );
+            let visible = visible.repeat_dim(2, group);
+            let any = visible.clone().any_dim(3).float();
+            (
+                scores.mask_fill(visible.bool_not(), HIDDEN_SCORE),
+                Some(any),
+            )
+        }
     };
-    assert_eq!(
-        visible.dims(),
-        [batch, 1, q_len, k_len],
-        "attention: visibility mask shape"
-    );
-    let visible = visible.repeat_dim(2, group);
-    let scores = scores.mask_fill(visible.clone().bool_not(), HIDDEN_SCORE);
-    let probs = softmax(scores, 3);
-    let any_visible = visible.any_dim(3).float();
-    let out = probs.matmul(value) * any_visible;
-    out.reshape([batch, heads, q_len, head_dim])
+    let part = Partial::new(scores, value);
+    let lse = part.lse();
+    let mut out = part.out / part.sum;
+    if let Some(any) = any_visible {
+        out = out * any;
+    }
+    (
+        out.reshape([batch, heads, q_len, head_dim]),
+        lse.reshape([batch, heads, q_len, 1]),
+    )
 }
 
 /// One part of a split softmax: the row maxima `m`, the sums `Σ exp(s - m)` and the
@@ -269,12 +346,20 @@ impl<B: Backend, const D: usize> Partial<B, D> {
         }
     }
 
-    /// Two parts over disjoint key sets merged exactly: the softmax over their union.
-    fn merge(self, other: Self) -> Tensor<B, D> {
+    /// `log Σ exp(s)` over this part's keys.
+    fn lse(&self) -> Tensor<B, D> {
+        self.max.clone() + self.sum.clone().log()
+    }
+
+    /// Two parts over disjoint key sets merged exactly: the softmax over their union, and its
+    /// log-sum-exp.
+    fn merge(self, other: Self) -> (Tensor<B, D>, Tensor<B, D>) {
         let max = self.max.clone().max_pair(other.max.clone());
         let a = (self.max - max.clone()).exp();
-        let b = (other.max - max).exp();
-        (self.out * a.clone() + other.out * b.clone()) / (self.sum * a + other.sum * b)
+        let b = (other.max - max.clone()).exp();
+        let sum = self.sum * a.clone() + other.sum * b.clone();
+        let out = (self.out * a + other.out * b) / sum.clone();
+        (out, max + sum.log())
     }
 }
 
@@ -315,7 +400,7 @@ fn block_attention<B: Backend>(
     block_size: usize,
     context_len: usize,
     scale: f64,
-) -> Tensor<B, 4> {
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let [batch, heads, slots, d] = query.dims();
     let [_, kv_heads, k_len, _] = key.dims();
     let blocks = anchors.dims()[1];
@@ -372,7 +457,11 @@ fn block_attention<B: Backend>(
         .reshape([batch, 1, 1, blocks, 1])
         .expand([batch, 1, group, blocks, block_size])
         .reshape([batch, 1, group * slots, 1]);
-    (context.merge(own) * kept).reshape([batch, heads, slots, d])
+    let (out, lse) = context.merge(own);
+    (
+        (out * kept).reshape([batch, heads, slots, d]),
+        lse.reshape([batch, heads, slots, 1]),
+    )
 }
 
 /// `[batch·kv_heads·blocks, group·block, w]` -> `[batch, kv_heads, group·blocks·block, w]`.
@@ -400,7 +489,7 @@ fn ttt_attention<B: Backend>(
     len: usize,
     step: usize,
     scale: f64,
-) -> Tensor<B, 4> {
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let [batch, heads, q_len, d] = query.dims();
     let [_, kv_heads, k_len, _] = key.dims();
     assert_eq!(q_len, len, "attention: one TTT query per position");
@@ -423,8 +512,9 @@ fn ttt_attention<B: Backend>(
         scale,
     );
     if step == 0 {
+        let lse = causal.lse().reshape([batch, heads, len, 1]);
         let out = causal.out / causal.sum;
-        return (out * active).reshape([batch, heads, len, d]);
+        return ((out * active).reshape([batch, heads, len, d]), lse);
     }
     // Later steps: one key per query, the score is a row-wise dot product.
     let per_group = |t: Tensor<B, 4>| -> Tensor<B, 5> { t.reshape([batch, kv_heads, 1, len, d]) };
@@ -452,7 +542,11 @@ fn ttt_attention<B: Backend>(
         sum: rows(sum, 1),
         out: rows(out.expect("step >= 1"), d),
     };
-    (causal.merge(later) * active).reshape([batch, heads, len, d])
+    let (out, lse) = causal.merge(later);
+    (
+        (out * active).reshape([batch, heads, len, d]),
+        lse.reshape([batch, heads, len, 1]),
+    )
 }
 
 #[derive(Module, Debug)]

@@ -12,6 +12,11 @@ pub enum Family {
     Qwen3,
     /// Llama (also SmolLM2): no q/k norm.
     Llama,
+    /// DeepSeek-V4 (MoE, mHC, shared-KV attention): deepspec trains its DSpark drafter from
+    /// an engine's cache and the target's `embed.weight` / `head.weight`, but does not run
+    /// the target itself.
+    #[serde(rename = "deepseek_v4")]
+    DeepseekV4,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -53,15 +58,19 @@ impl TargetConfig {
         let family = match model_type {
             "qwen3" => Family::Qwen3,
             "llama" | "mistral" => Family::Llama,
+            "deepseek_v4" => Family::DeepseekV4,
             other => {
                 return Err(LoadError::field(
                     path,
                     "model_type",
-                    format!("`{other}` is not supported (supported: qwen3, llama, mistral)"),
+                    format!(
+                        "`{other}` is not supported (supported: qwen3, llama, mistral, deepseek_v4)"
+                    ),
                 ))
             }
         };
-        if let Some(scaling) = json.get("rope_scaling").filter(|v| !v.is_null()) {
+        let v4 = family == Family::DeepseekV4;
+        if let Some(scaling) = json.get("rope_scaling").filter(|v| !v.is_null() && !v4) {
             let kind = scaling["rope_type"]
                 .as_str()
                 .or(scaling["type"].as_str())
@@ -79,6 +88,7 @@ impl TargetConfig {
         let rope_theta = json["rope_theta"]
             .as_f64()
             .or_else(|| json["rope_parameters"]["rope_theta"].as_f64())
+            .or_else(|| json["rope_parameters"]["main"]["rope_theta"].as_f64())
             .ok_or_else(|| {
                 LoadError::field(
                     path,
@@ -103,7 +113,12 @@ impl TargetConfig {
             family,
             vocab_size: usize_field("vocab_size")?,
             hidden_size,
-            intermediate_size: usize_field("intermediate_size")?,
+            // DeepSeek-V4 has only MoE layers: the width of one expert.
+            intermediate_size: if v4 {
+                usize_field("moe_intermediate_size")?
+            } else {
+                usize_field("intermediate_size")?
+            },
             num_hidden_layers: usize_field("num_hidden_layers")?,
             num_attention_heads,
             num_key_value_heads: json["num_key_value_heads"]

@@ -53,6 +53,13 @@ pub fn load_target<B: Backend>(
             ));
         }
         let config = TargetConfig::from_hf_json(&path.join("config.json"))?;
+        if config.family == Family::DeepseekV4 {
+            return Err(LoadError::field(
+                path.join("config.json"),
+                "model_type",
+                "DeepSeek-V4 targets do not run in deepspec: train its DSpark drafter from a cache captured by your serving engine (the trainer reads only embed.weight and head.weight from this folder)".to_string(),
+            ));
+        }
         let weights = SafetensorsCheckpoint::open_dir(path)?;
         let tokenizer = Tok::from_hf_dir(path)?;
         (build_target(&weights, &config, device)?, config, tokenizer)
@@ -99,6 +106,15 @@ pub(crate) fn rms_norm<B: Backend>(
     ))
 }
 
+/// Whether `path` is a Hugging Face folder of a DeepSeek-V4 model (`config.json` with
+/// `model_type = "deepseek_v4"`): deepspec trains its DSpark drafter without running it.
+pub fn is_deepseek_v4(path: &Path) -> bool {
+    std::fs::read_to_string(path.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| crate::model::v4::V4Config::is_v4(&v))
+}
+
 /// Builds the decoder from Hugging Face keys (`model.layers.<i>.self_attn.q_proj.weight`, ...).
 pub fn build_target<B: Backend>(
     src: &dyn WeightSource,
@@ -120,7 +136,7 @@ pub fn build_target<B: Backend>(
                     eps,
                     device,
                 )?)),
-                Family::Llama => Ok(None),
+                Family::Llama | Family::DeepseekV4 => Ok(None),
             }
         };
         let bias = config.attention_bias;

@@ -12,10 +12,11 @@ pub mod mlp;
 pub mod norm;
 pub mod rope;
 pub mod transformer;
+pub mod v4;
 
 pub use config::{Family, TargetConfig};
 pub use kv_cache::KvCache;
-pub use load::{load_target, load_target_meta, LoadedTarget};
+pub use load::{is_deepseek_v4, load_target, load_target_meta, LoadedTarget};
 pub use transformer::{LogitsFor, TargetModel, TargetOutput};
 
 use crate::io::HostTensor;

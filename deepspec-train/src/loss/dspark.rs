@@ -1,7 +1,7 @@
 //! The DSpark / DFlash training loss (the reference's `dspark_trainer.py` loss terms):
 //! position-weighted CE, the L1 (total-variation) term against the target's distribution
 //! from the cached last hidden state, and the confidence BCE with soft labels. The forward is
-//! the drafter's ([`DSparkModel::block_features`]); the vocabulary goes through the head seam.
+//! the drafter's ([`BlockDrafter::block_features`]: the Qwen-style model's or DeepSeek-V4's); the vocabulary goes through the head seam.
 
 use super::head::{head_loss, HeadLossBackend, HeadLossInput, HeadMode, HeadPlan};
 use super::{float, int3, DeviceMetrics, Metrics};
@@ -9,7 +9,7 @@ use crate::batch::{Features, TrainBatch};
 use crate::blocks::BlockLayout;
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use deepspec_core::drafter::{BlockInputs, DSparkModel};
+use deepspec_core::drafter::{BlockDrafter, BlockInputs};
 use deepspec_core::model::rope::Rope;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -66,8 +66,8 @@ pub fn slot_weight(j: usize, gamma: Option<f64>) -> f64 {
 
 /// Forward and loss of one micro-batch laid out as `layout`; `chunk_rows` tokens go through
 /// the LM head at a time (`None`: sized for the vocabulary).
-pub fn dspark_loss<B: HeadLossBackend>(
-    model: &DSparkModel<B>,
+pub fn dspark_loss<B: HeadLossBackend, M: BlockDrafter<B>>(
+    model: &M,
     rope: &Rope,
     batch: &TrainBatch,
     features: &Features<B>,
