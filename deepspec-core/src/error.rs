@@ -31,6 +31,14 @@ pub enum LoadError {
         dtype: String,
         supported: String,
     },
+    /// A tensor that is present but unusable as found (wrong rank, a scale that does not fit
+    /// its weight, two tensors that must agree and do not).
+    #[error("{path}: tensor `{tensor}`: {detail}")]
+    BadTensor {
+        path: PathBuf,
+        tensor: String,
+        detail: String,
+    },
     #[error("{path}: file is truncated or corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error("{path}: field `{field}`: {detail}")]
@@ -52,6 +60,18 @@ impl LoadError {
     pub fn corrupt(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
         LoadError::Corrupt {
             path: path.into(),
+            detail: detail.into(),
+        }
+    }
+
+    pub fn tensor(
+        path: impl Into<PathBuf>,
+        tensor: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        LoadError::BadTensor {
+            path: path.into(),
+            tensor: tensor.into(),
             detail: detail.into(),
         }
     }

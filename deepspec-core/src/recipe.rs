@@ -415,7 +415,10 @@ impl Recipe {
             if crate::io::chat::TurnFormat::by_name(name).is_none() {
                 return Err(invalid(
                     "data.chat_template",
-                    format!("`{name}` is not one of qwen, chatml, gemma4, gemma"),
+                    format!(
+                        "`{name}` is not one of {}",
+                        crate::io::chat::TurnFormat::names()
+                    ),
                 ));
             }
         }

@@ -16,6 +16,7 @@
 //! bf16 values are little-endian raw bf16 bit patterns (2 bytes each); fp8 values are
 //! e4m3fn codes (1 byte each) times the scale of their `hidden`-long vector.
 
+use crate::io::fp8::{fp8_e4m3_decode, fp8_e4m3_encode, FP8_MAX};
 use arrow_schema::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -199,76 +200,9 @@ impl EncodedHidden {
     }
 }
 
-/// Largest finite e4m3fn value.
-pub const FP8_MAX: f32 = 448.0;
-
-/// Decodes an e4m3fn code (1 sign, 4 exponent bits with bias 7, 3 mantissa bits; no
-/// infinities, 0x7F/0xFF are NaN).
-pub fn fp8_e4m3_decode(code: u8) -> f32 {
-    let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
-    let exp = ((code >> 3) & 0x0F) as i32;
-    let mant = (code & 0x07) as f32;
-    if exp == 0x0F && code & 0x07 == 0x07 {
-        return f32::NAN;
-    }
-    let magnitude = if exp == 0 {
-        mant / 8.0 * 2f32.powi(-6)
-    } else {
-        (1.0 + mant / 8.0) * 2f32.powi(exp - 7)
-    };
-    sign * magnitude
-}
-
-/// Encodes f32 as e4m3fn: round to nearest, ties to even; saturates at ±448.
-pub fn fp8_e4m3_encode(value: f32) -> u8 {
-    if value.is_nan() {
-        return 0x7F;
-    }
-    let sign = if value.is_sign_negative() { 0x80 } else { 0 };
-    let magnitude = value.abs().min(FP8_MAX);
-    // Positive codes 0..=0x7E are increasing in value: find the nearest by binary search.
-    let (mut lo, mut hi) = (0u8, 0x7Eu8);
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if fp8_e4m3_decode(mid) <= magnitude {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    let (dlo, dhi) = (
-        magnitude - fp8_e4m3_decode(lo),
-        fp8_e4m3_decode(hi) - magnitude,
-    );
-    let code = if dlo < dhi || (dlo == dhi && lo % 2 == 0) {
-        lo
-    } else {
-        hi
-    };
-    sign | code
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fp8_round_trips_every_code_and_rounds_to_nearest() {
-        for code in 0u8..=0xFE {
-            if code & 0x7F == 0x7F {
-                continue;
-            }
-            let v = fp8_e4m3_decode(code);
-            let back = fp8_e4m3_encode(v);
-            // +0 and -0 both decode to zero.
-            assert_eq!(fp8_e4m3_decode(back), v, "code {code:#x}");
-        }
-        assert_eq!(fp8_e4m3_decode(0x7E), 448.0);
-        assert_eq!(fp8_e4m3_decode(0x01), 2f32.powi(-9));
-        assert_eq!(fp8_e4m3_encode(1000.0), 0x7E);
-        // 1.0625 lies halfway between 1.0 (even code) and 1.125.
-        assert_eq!(fp8_e4m3_decode(fp8_e4m3_encode(1.0625)), 1.0);
-    }
 
     #[test]
     fn fp8_rows_scale_to_their_max_and_stay_close() {

@@ -23,6 +23,17 @@ impl Message {
 /// ChatML with SmolLM2's default system prompt: used when a model ships no template.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// DeepSeek-V4's chat format, non-thinking ("chat") mode. V4 ships a Python encoder
+/// (`encoding/encoding_dsv4.py`) instead of a Jinja template; this renders the same text for
+/// system, user and assistant messages (the encoder as vendored by vLLM,
+/// `vllm/tokenizers/deepseek_v4_encoding.py`): BOS, a system message's content with no tag,
+/// `<｜User｜>` + content, then `<｜Assistant｜></think>` when an assistant reply follows (or a
+/// generation prompt is asked for), and the reply's content + `<｜end▁of▁sentence｜>`. No
+/// newlines anywhere. Unlike the encoder, a trailing user message gets the assistant header
+/// only with `add_generation_prompt`, as transformers templates do. Tool calls, reasoning
+/// and the `developer`/`latest_reminder` roles are not rendered.
+pub const DEEPSEEK_V4_TEMPLATE: &str = "{{ '<｜begin▁of▁sentence｜>' }}{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{% if (loop.last and add_generation_prompt) or (not loop.last and messages[loop.index0 + 1]['role'] == 'assistant') %}{{ '<｜Assistant｜></think>' }}{% endif %}{% elif message['role'] == 'assistant' %}{{ message['content'] + '<｜end▁of▁sentence｜>' }}{% else %}{{ raise_exception('the deepseek-v4 chat format renders system, user and assistant messages, not `' + message['role'] + '`') }}{% endif %}{% endfor %}";
+
 /// How one family marks assistant turns, for the loss mask (the reference's descriptors).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TurnFormat {
@@ -33,6 +44,8 @@ pub struct TurnFormat {
     pub assistant_loss_prefix: Option<&'static str>,
     /// Inserted as the system message when a conversation has none.
     pub default_system: Option<&'static str>,
+    /// The format's own template, for models that ship none (DeepSeek-V4).
+    pub template: Option<&'static str>,
 }
 
 impl TurnFormat {
@@ -43,6 +56,7 @@ impl TurnFormat {
         end_of_turn: "<|im_end|>\n",
         assistant_loss_prefix: None,
         default_system: Some("You are a helpful assistant."),
+        template: None,
     };
     /// ChatML whose template supplies its own default system prompt (SmolLM2).
     pub const CHATML: TurnFormat = TurnFormat {
@@ -51,6 +65,7 @@ impl TurnFormat {
         end_of_turn: "<|im_end|>\n",
         assistant_loss_prefix: None,
         default_system: None,
+        template: None,
     };
     pub const GEMMA4: TurnFormat = TurnFormat {
         name: "gemma4",
@@ -58,6 +73,7 @@ impl TurnFormat {
         end_of_turn: "<turn|>\n",
         assistant_loss_prefix: Some("<|channel>thought\n<channel|>"),
         default_system: None,
+        template: None,
     };
     /// Gemma 2/3 turns.
     pub const GEMMA: TurnFormat = TurnFormat {
@@ -66,17 +82,44 @@ impl TurnFormat {
         end_of_turn: "<end_of_turn>\n",
         assistant_loss_prefix: None,
         default_system: None,
+        template: None,
     };
 
-    pub const ALL: [TurnFormat; 4] = [Self::QWEN, Self::CHATML, Self::GEMMA4, Self::GEMMA];
+    /// DeepSeek-V4, non-thinking: the header includes the `</think>` that opens a reply
+    /// without reasoning, so it is not trained; the reply and its `<｜end▁of▁sentence｜>` are.
+    pub const DEEPSEEK_V4: TurnFormat = TurnFormat {
+        name: "deepseek-v4",
+        assistant_header: "<｜Assistant｜></think>",
+        end_of_turn: "<｜end▁of▁sentence｜>",
+        assistant_loss_prefix: None,
+        default_system: None,
+        template: Some(DEEPSEEK_V4_TEMPLATE),
+    };
 
+    pub const ALL: [TurnFormat; 5] = [
+        Self::QWEN,
+        Self::CHATML,
+        Self::GEMMA4,
+        Self::GEMMA,
+        Self::DEEPSEEK_V4,
+    ];
+
+    /// The format called `name`; `_` may stand for `-` (`deepseek_v4`).
     pub fn by_name(name: &str) -> Option<TurnFormat> {
+        let name = name.replace('_', "-");
         Self::ALL.into_iter().find(|f| f.name == name)
+    }
+
+    /// The format names, for error messages: `qwen, chatml, ...`.
+    pub fn names() -> String {
+        Self::ALL.map(|f| f.name).join(", ")
     }
 
     /// Guesses the format from a template's text.
     pub fn detect(template: &str) -> Option<TurnFormat> {
-        if template.contains("<|im_start|>") {
+        if template == DEEPSEEK_V4_TEMPLATE {
+            Some(Self::DEEPSEEK_V4)
+        } else if template.contains("<|im_start|>") {
             // Qwen templates carry the thinking block; SmolLM-style ChatML does not.
             Some(if template.contains("<think>") {
                 Self::QWEN
@@ -126,10 +169,30 @@ impl ChatTemplate {
         })
     }
 
-    /// The tokenizer's own template, or ChatML when the model ships none.
+    /// The tokenizer's own template; when the model ships none, DeepSeek-V4's for a tokenizer
+    /// with DeepSeek's `<｜Assistant｜>` token (V4 ships a Python encoder instead), else
+    /// ChatML.
     pub fn for_tokenizer(tok: &Tok) -> Result<Self, Error> {
-        let source = tok.chat_template.as_deref().unwrap_or(CHATML_TEMPLATE);
+        let builtin = if tok.token_id("<｜Assistant｜>").is_some() {
+            DEEPSEEK_V4_TEMPLATE
+        } else {
+            CHATML_TEMPLATE
+        };
+        let source = tok.chat_template.as_deref().unwrap_or(builtin);
         Self::new(source, tok.bos_token.as_deref(), tok.eos_token.as_deref())
+    }
+
+    /// The tokenizer's own template, or `format`'s when the model ships none (a recipe's
+    /// `data.chat_template = "deepseek-v4"`); the loss mask follows `format`.
+    pub fn for_format(tok: &Tok, format: &TurnFormat) -> Result<Self, Error> {
+        let mut template = match (&tok.chat_template, format.template) {
+            (None, Some(source)) => {
+                Self::new(source, tok.bos_token.as_deref(), tok.eos_token.as_deref())?
+            }
+            _ => Self::for_tokenizer(tok)?,
+        };
+        template.format = Some(*format);
+        Ok(template)
     }
 
     /// Renders `messages`. `enable_thinking: Some(false)` is Qwen3's no-thinking mode; `None`

@@ -1,10 +1,13 @@
-//! Reading (and writing) model files: safetensors in the Hugging Face layout, GGUF, tokenizers
-//! and chat templates; and the atomic file replacement every writer uses.
+//! Reading (and writing) model files: safetensors in the Hugging Face layout (with DeepSeek's
+//! block-scaled FP8), a target's embedding and head on their own, GGUF, tokenizers and chat
+//! templates; and the atomic file replacement every writer uses.
 
 pub mod atomic;
 pub mod chat;
+pub mod fp8;
 pub mod gguf;
 pub mod safetensors;
+pub mod target_head;
 pub mod tokenizer;
 
 use crate::LoadError;

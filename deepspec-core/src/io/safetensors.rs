@@ -2,6 +2,7 @@
 //! `model.safetensors.index.json`. The header is parsed here (not by the `safetensors` crate)
 //! so that a truncated file is reported with the tensor whose bytes are missing.
 
+use super::fp8::fp8_e8m0_decode;
 use super::{HostTensor, WeightSource};
 use crate::LoadError;
 use half::{bf16, f16};
@@ -10,17 +11,45 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-/// Element types a safetensors file may hold that deepspec reads.
+/// Element types of a safetensors file. deepspec decodes the named ones; the others are
+/// kept as [`Dtype::Undecoded`] so that a shard holding, say, a model's FP4 experts still
+/// opens and its other tensors can be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dtype {
     F32,
     F16,
     BF16,
+    /// float8 e4m3fn; DeepSeek stores weights this way with 128×128 block scales.
+    F8E4M3,
+    /// float8 e8m0fnu (a power of two); DeepSeek-V4 block scales.
+    F8E8M0,
     I64,
     I32,
     U8,
     Bool,
+    /// A safetensors dtype deepspec does not decode: its name and bits per element.
+    Undecoded {
+        name: &'static str,
+        bits: usize,
+    },
 }
+
+/// The safetensors dtypes deepspec does not decode, with their bits per element.
+const UNDECODED: [(&str, usize); 13] = [
+    ("F64", 64),
+    ("C64", 64),
+    ("U64", 64),
+    ("U32", 32),
+    ("I16", 16),
+    ("U16", 16),
+    ("I8", 8),
+    ("F8_E5M2", 8),
+    ("F8_E4M3FNUZ", 8),
+    ("F8_E5M2FNUZ", 8),
+    ("F6_E2M3", 6),
+    ("F6_E3M2", 6),
+    ("F4", 4),
+];
 
 impl Dtype {
     fn parse(s: &str) -> Option<Dtype> {
@@ -28,11 +57,16 @@ impl Dtype {
             "F32" => Dtype::F32,
             "F16" => Dtype::F16,
             "BF16" => Dtype::BF16,
+            "F8_E4M3" => Dtype::F8E4M3,
+            "F8_E8M0" => Dtype::F8E8M0,
             "I64" => Dtype::I64,
             "I32" => Dtype::I32,
             "U8" => Dtype::U8,
             "BOOL" => Dtype::Bool,
-            _ => return None,
+            _ => {
+                let &(name, bits) = UNDECODED.iter().find(|(name, _)| *name == s)?;
+                Dtype::Undecoded { name, bits }
+            }
         })
     }
 
@@ -41,19 +75,23 @@ impl Dtype {
             Dtype::F32 => "F32",
             Dtype::F16 => "F16",
             Dtype::BF16 => "BF16",
+            Dtype::F8E4M3 => "F8_E4M3",
+            Dtype::F8E8M0 => "F8_E8M0",
             Dtype::I64 => "I64",
             Dtype::I32 => "I32",
             Dtype::U8 => "U8",
             Dtype::Bool => "BOOL",
+            Dtype::Undecoded { name, .. } => name,
         }
     }
 
-    pub fn size(self) -> usize {
+    pub fn bits(self) -> usize {
         match self {
-            Dtype::F32 | Dtype::I32 => 4,
-            Dtype::F16 | Dtype::BF16 => 2,
-            Dtype::I64 => 8,
-            Dtype::U8 | Dtype::Bool => 1,
+            Dtype::F32 | Dtype::I32 => 32,
+            Dtype::F16 | Dtype::BF16 => 16,
+            Dtype::I64 => 64,
+            Dtype::F8E4M3 | Dtype::F8E8M0 | Dtype::U8 | Dtype::Bool => 8,
+            Dtype::Undecoded { bits, .. } => bits,
         }
     }
 }
@@ -152,7 +190,8 @@ impl SafetensorsFile {
         self.tensors.keys()
     }
 
-    fn bytes(&self, name: &str) -> Result<(&TensorInfo, &[u8]), LoadError> {
+    /// The stored bytes of `name`, undecoded, with its header entry.
+    pub fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8]), LoadError> {
         let info = self
             .tensors
             .get(name)
@@ -165,9 +204,11 @@ impl SafetensorsFile {
         Ok((info, bytes))
     }
 
-    /// Reads a floating-point tensor (F32, F16 or BF16) widened to f32.
+    /// Reads a floating-point tensor (F32, F16, BF16 or F8_E8M0) widened to f32. F8_E4M3 is
+    /// refused: its codes mean nothing without their block scales (see
+    /// [`super::target_head::read_matrices`]).
     pub fn f32(&self, name: &str) -> Result<HostTensor, LoadError> {
-        let (info, bytes) = self.bytes(name)?;
+        let (info, bytes) = self.raw(name)?;
         let data = match info.dtype {
             Dtype::F32 => bytes
                 .chunks_exact(4)
@@ -181,12 +222,21 @@ impl SafetensorsFile {
                 .chunks_exact(2)
                 .map(|c| bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
                 .collect(),
+            Dtype::F8E8M0 => bytes.iter().map(|&b| fp8_e8m0_decode(b)).collect(),
+            Dtype::F8E4M3 => {
+                return Err(LoadError::UnsupportedDtype {
+                    path: self.path.clone(),
+                    tensor: name.to_string(),
+                    dtype: "F8_E4M3".into(),
+                    supported: "F32, F16, BF16, F8_E8M0 here; F8_E4M3 weights need their block scale (`<name>_scale_inv` or `<prefix>.scale`) and are read by io::target_head::read_matrices".into(),
+                })
+            }
             other => {
                 return Err(LoadError::UnsupportedDtype {
                     path: self.path.clone(),
                     tensor: name.to_string(),
                     dtype: other.name().to_string(),
-                    supported: "F32, F16, BF16 for floating-point tensors".into(),
+                    supported: "F32, F16, BF16, F8_E8M0 for floating-point tensors".into(),
                 })
             }
         };
@@ -195,7 +245,7 @@ impl SafetensorsFile {
 
     /// Reads an integer or boolean tensor (I64, I32, U8, BOOL) as i64, with its shape.
     pub fn i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>), LoadError> {
-        let (info, bytes) = self.bytes(name)?;
+        let (info, bytes) = self.raw(name)?;
         let data = match info.dtype {
             Dtype::I64 => bytes
                 .chunks_exact(8)
@@ -226,7 +276,9 @@ fn parse_info(path: &Path, name: &str, value: &serde_json::Value) -> Result<Tens
         path: path.to_path_buf(),
         tensor: name.to_string(),
         dtype: dtype_str.to_string(),
-        supported: "F32, F16, BF16, I64, I32, U8, BOOL".into(),
+        supported:
+            "the safetensors dtypes (F32, F16, BF16, F8_E4M3, F8_E8M0, I64, I32, U8, BOOL, ...)"
+                .into(),
     })?;
     let shape: Vec<usize> = value["shape"]
         .as_array()
@@ -245,7 +297,7 @@ fn parse_info(path: &Path, name: &str, value: &serde_json::Value) -> Result<Tens
         ),
         _ => return Err(bad("data_offsets must hold two integers")),
     };
-    let expected = shape.iter().product::<usize>() * dtype.size();
+    let expected = (shape.iter().product::<usize>() * dtype.bits()).div_ceil(8);
     if end < start || end - start != expected {
         return Err(bad(&format!(
             "data_offsets {start}..{end} do not fit shape {shape:?} of {dtype_str} ({expected} bytes)"
@@ -276,29 +328,12 @@ impl SafetensorsCheckpoint {
         let shard_names: Vec<String> = if single.exists() {
             vec!["model.safetensors".into()]
         } else if index_path.exists() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| LoadError::io(&index_path, e))?;
-            let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-                LoadError::field(&index_path, "weight_map", format!("not valid JSON: {e}"))
-            })?;
-            let map = index["weight_map"].as_object().ok_or_else(|| {
-                LoadError::field(&index_path, "weight_map", "missing or not an object")
-            })?;
-            let mut names: Vec<String> = map
-                .values()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect();
+            let mut names: Vec<String> = read_weight_map(&index_path)?.into_values().collect();
             names.sort();
             names.dedup();
             names
         } else {
-            return Err(LoadError::io(
-                &single,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no model.safetensors nor model.safetensors.index.json in this folder",
-                ),
-            ));
+            return Err(no_checkpoint(&dir));
         };
         let mut files = Vec::new();
         let mut index = BTreeMap::new();
@@ -343,6 +378,53 @@ impl WeightSource for SafetensorsCheckpoint {
     fn names(&self) -> Vec<String> {
         self.index.keys().cloned().collect()
     }
+}
+
+/// The `weight_map` of a `model.safetensors.index.json`: tensor name -> shard file name.
+/// Every shard name must be a plain file name inside the folder (no `/` or `\`, not `..`, not
+/// absolute), so an index cannot make deepspec open a file elsewhere.
+pub fn read_weight_map(index_path: &Path) -> Result<BTreeMap<String, String>, LoadError> {
+    let text = std::fs::read_to_string(index_path).map_err(|e| LoadError::io(index_path, e))?;
+    let index: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| LoadError::field(index_path, "weight_map", format!("not valid JSON: {e}")))?;
+    let map = index["weight_map"]
+        .as_object()
+        .ok_or_else(|| LoadError::field(index_path, "weight_map", "missing or not an object"))?;
+    let mut weight_map = BTreeMap::new();
+    for (tensor, shard) in map {
+        let shard = shard.as_str().ok_or_else(|| {
+            LoadError::field(
+                index_path,
+                format!("weight_map.{tensor}"),
+                "must be a shard file name (a string)",
+            )
+        })?;
+        let plain = !shard.is_empty()
+            && !shard.contains(['/', '\\'])
+            && shard != "."
+            && shard != ".."
+            && !Path::new(shard).is_absolute();
+        if !plain {
+            return Err(LoadError::field(
+                index_path,
+                format!("weight_map.{tensor}"),
+                format!("shard `{shard}` is not a plain file name inside the checkpoint folder; an index may only name files next to it (fix or re-download the index)"),
+            ));
+        }
+        weight_map.insert(tensor.clone(), shard.to_string());
+    }
+    Ok(weight_map)
+}
+
+/// The error for a folder with neither `model.safetensors` nor an index.
+pub(crate) fn no_checkpoint(dir: &Path) -> LoadError {
+    LoadError::io(
+        dir.join("model.safetensors"),
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no model.safetensors nor model.safetensors.index.json in this folder",
+        ),
+    )
 }
 
 /// A tensor to write: name, shape and f32 values (stored as F32).

@@ -110,7 +110,7 @@ pub fn prepare<B: Backend>(
                 recipe.model.target_model_name_or_path.display()
             )
         })?;
-    let template = ChatTemplate::for_tokenizer(&target.tokenizer)
+    let template = ChatTemplate::for_format(&target.tokenizer, &planned.format)
         .context("compiling the model's chat template")?;
     let stop_ids = crate::generate::stop_ids(
         &target.tokenizer,

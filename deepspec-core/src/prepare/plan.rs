@@ -147,8 +147,9 @@ fn plan_job_warn(opts: &PrepareOptions, warn: &mut dyn FnMut(&str)) -> anyhow::R
         Some(name) => TurnFormat::by_name(name).expect("validated with the recipe"),
         None => template.format.with_context(|| {
             format!(
-                "{}: field `data.chat_template`: the target's chat template is not one deepspec recognises; set it to qwen, chatml, gemma4 or gemma",
-                opts.recipe_path.display()
+                "{}: field `data.chat_template`: the target's chat template is not one deepspec recognises; set it to one of {}",
+                opts.recipe_path.display(),
+                TurnFormat::names()
             )
         })?,
     };
@@ -237,7 +238,7 @@ pub fn estimate(opts: &PrepareOptions) -> anyhow::Result<Estimate> {
     let planned = plan_job(opts)?;
     let recipe = &opts.recipe;
     let (config, tok) = load_target_meta(&recipe.model.target_model_name_or_path)?;
-    let template = ChatTemplate::for_tokenizer(&tok)?;
+    let template = ChatTemplate::for_format(&tok, &planned.format)?;
     let max_length = recipe.data.max_length as u64;
     let max_new = recipe.prepare.max_new_tokens as u64;
     let format = &planned.format;
