@@ -168,3 +168,51 @@ fn overrides_set_any_field_and_unknown_keys_are_named() {
         "{err}"
     );
 }
+
+#[test]
+fn deepseek_v4_recipes_hold_the_published_values() {
+    for (name, taps, rank, hidden, experts, width) in [
+        ("dspark-v4-flash", [40, 41, 42], 256, 4096, 256, 2048),
+        ("dspark-v4-pro", [58, 59, 60], 512, 7168, 384, 3072),
+    ] {
+        let r = load(name);
+        let m = &r.model;
+        assert_eq!(m.target_layer_ids.as_slice(), taps, "{name}");
+        assert_eq!(m.algorithm, "dspark", "{name}");
+        assert_eq!(m.block_size, 5, "{name}");
+        assert_eq!(m.num_draft_layers, 3, "{name}");
+        assert_eq!(m.mask_token_id, Some(128799), "{name}");
+        assert_eq!(m.markov_rank, rank, "{name}");
+        assert_eq!(m.markov_head_type, "vanilla", "{name}");
+        assert!(
+            m.confidence_head_alpha > 0.0 && m.confidence_head_with_markov,
+            "{name}"
+        );
+        assert_eq!(
+            r.data.chat_template.as_deref(),
+            Some("deepseek-v4"),
+            "{name}"
+        );
+        let config = workspace_root().join(m.target_config.as_ref().unwrap());
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        let v4 = deepspec_core::model::v4::V4Config::from_json(&config, &json).unwrap();
+        assert_eq!(v4.hidden_size, hidden, "{name}");
+        assert_eq!(v4.n_routed_experts, experts, "{name}");
+        assert_eq!(v4.moe_intermediate_size, width, "{name}");
+        assert_eq!(v4.vocab_size, 129280, "{name}");
+        assert_eq!(v4.sliding_window, 128, "{name}");
+        assert_eq!(v4.hc_mult, 4, "{name}");
+        assert_eq!(v4.num_experts_per_tok, 6, "{name}");
+        assert_eq!(v4.rms_norm_eps, 1e-6, "{name}");
+        assert_eq!(
+            (v4.num_attention_heads, v4.head_dim, v4.rope_head_dim),
+            (64, 512, 64)
+        );
+    }
+    let tiny = load("dspark-v4-tiny");
+    assert_eq!(
+        tiny.model.num_draft_layers,
+        tiny.model.target_layer_ids.len()
+    );
+}

@@ -6,7 +6,9 @@ use burn::backend::Flex;
 use deepspec_core::cache::synthetic::write_v4_target;
 use deepspec_core::drafter::dspark_v4::v4_layout;
 use deepspec_core::drafter::init::{new_v4_drafter, DrafterSpec};
-use deepspec_core::drafter::{export_dir, state_dict, Algorithm, Drafter, DrafterConfig, MarkovKind};
+use deepspec_core::drafter::{
+    export_dir, state_dict, Algorithm, Drafter, DrafterConfig, MarkovKind,
+};
 use deepspec_core::fixtures::workspace_root;
 use deepspec_core::io::safetensors::SafetensorsFile;
 use deepspec_core::layers::TargetLayerIds;
@@ -145,8 +147,14 @@ fn v4_flash_layout_matches_the_published_mtp_keys_and_shapes() {
         .filter(|(n, _)| n.contains(".ffn.experts."))
         .map(|(_, s)| s.iter().product::<usize>() as u64)
         .sum();
-    assert!((19_000_000_000..21_000_000_000).contains(&params), "{params} parameters");
-    assert!(experts * 100 / params >= 95, "experts are {experts} of {params}");
+    assert!(
+        (19_000_000_000..21_000_000_000).contains(&params),
+        "{params} parameters"
+    );
+    assert!(
+        experts * 100 / params >= 95,
+        "experts are {experts} of {params}"
+    );
 }
 
 fn tiny_spec(dtype: &str) -> DrafterSpec {
@@ -175,7 +183,8 @@ fn v4_tiny_drafter_exports_the_published_layout_and_round_trips_bit_exactly() {
     let target = dir.path().join("target");
     write_v4_target(&target, &recipe_config("deepseek-v4-tiny.json"), 3).unwrap();
     let device = Default::default();
-    let (drafter, config) = new_v4_drafter::<Flex>(&target, &tiny_spec("float32"), &device).unwrap();
+    let (drafter, config) =
+        new_v4_drafter::<Flex>(&target, &tiny_spec("float32"), &device).unwrap();
     let (v4, keys) = config.v4.clone().unwrap();
     let step = dir.path().join("step_1");
     drafter.save(&step, &config).unwrap();
@@ -228,7 +237,16 @@ fn v4_tiny_drafter_exports_the_published_layout_and_round_trips_bit_exactly() {
     let bad = dir.path().join("bad");
     std::fs::create_dir_all(&bad).unwrap();
     std::fs::copy(out.join("config.json"), bad.join("config.json")).unwrap();
-    std::fs::copy(step.join("model.safetensors"), bad.join("model.safetensors")).unwrap();
-    let err = Drafter::<Flex>::load_export(&bad, &target, &device).unwrap_err().to_string();
-    assert!(err.contains("embed.weight") && err.contains("mtp."), "{err}");
+    std::fs::copy(
+        step.join("model.safetensors"),
+        bad.join("model.safetensors"),
+    )
+    .unwrap();
+    let err = Drafter::<Flex>::load_export(&bad, &target, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("embed.weight") && err.contains("mtp."),
+        "{err}"
+    );
 }

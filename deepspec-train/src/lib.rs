@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod logging;
 pub mod loss;
+pub mod memory;
 pub mod optim;
 pub mod plan;
 pub mod schedule;

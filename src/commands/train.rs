@@ -5,10 +5,13 @@ use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use deepspec_core::backend::set_compute_dtype;
-use deepspec_core::drafter::init::{new_drafter, new_v4_drafter};
-use deepspec_core::model::{is_deepseek_v4, load_target, TargetConfig};
+use deepspec_core::drafter::init::{new_config, new_drafter, new_v4_config_from, new_v4_drafter};
+use deepspec_core::drafter::DrafterConfig;
+use deepspec_core::model::v4::V4Config;
+use deepspec_core::model::{is_deepseek_v4, load_target, load_target_meta, TargetConfig};
 use deepspec_core::recipe::Recipe;
 use deepspec_train::data::CacheSource;
+use deepspec_train::memory::plan_memory;
 use deepspec_train::plan::TrainPlan;
 use deepspec_train::trainer::train;
 use std::path::{Path, PathBuf};
@@ -38,6 +41,15 @@ pub struct TrainArgs {
     /// (bf16 keeps f32 master weights and moments in the optimizer).
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
+    /// Print the plan (parameters, bytes of weights / master weights / AdamW moments /
+    /// activations per micro-step, GPUs needed) and stop; reads no weights and no cache.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Memory of one device for the plan and the pre-flight check (default: what the device
+    /// reports, the CPU's available memory or the CUDA device's total; 80 GiB GPUs for a
+    /// --dry-run on the CPU).
+    #[arg(long, value_name = "GIB")]
+    pub device_memory_gib: Option<f64>,
 }
 
 /// A recipe given by path, or by name under `recipes/`.
@@ -58,19 +70,131 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     dispatch(args.device, args)
 }
 
+/// The drafter's config for a plan, from the target's `config.json` (or GGUF metadata), or
+/// the recipe's `model.target_config` when the target is not on this machine. Reads no
+/// weights.
+fn planned_config(plan: &TrainPlan, recipe: &Recipe) -> anyhow::Result<DrafterConfig> {
+    let target = &plan.target;
+    let file = if target.join("config.json").exists() {
+        Some(target.join("config.json"))
+    } else if target.exists() {
+        None
+    } else {
+        Some(recipe.model.target_config.clone().with_context(|| {
+            format!(
+                "{} does not exist and {} sets no model.target_config (the target's config.json) to plan from",
+                target.display(),
+                plan.recipe_path.display()
+            )
+        })?)
+    };
+    if let Some(file) = &file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading the target's config {}", file.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", file.display()))?;
+        if V4Config::is_v4(&json) {
+            return Ok(new_v4_config_from(file, &plan.drafter)?);
+        }
+        let config = TargetConfig::from_hf_json(file)?;
+        return Ok(new_config(target, &config, &plan.drafter)?);
+    }
+    let (config, _) = load_target_meta(target)?;
+    Ok(new_config(target, &config, &plan.drafter)?)
+}
+
+/// Bytes the chosen device can hold: `--device-memory-gib`, else what the machine reports
+/// (`MemAvailable` on the CPU; `nvidia-smi`'s total for a CUDA device). `None` when unknown.
+fn device_memory(kind: DeviceKind, flag: Option<f64>) -> Option<(u64, String)> {
+    if let Some(gib) = flag {
+        let name = if kind == DeviceKind::Cpu {
+            "device"
+        } else {
+            "GPU"
+        };
+        return Some(((gib * (1u64 << 30) as f64) as u64, name.into()));
+    }
+    match kind {
+        DeviceKind::Cpu => {
+            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let kib: u64 = info
+                .lines()
+                .find(|l| l.starts_with("MemAvailable:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((kib * 1024, "CPU (available memory)".into()))
+        }
+        DeviceKind::Cuda | DeviceKind::CudaBf16 => {
+            let out = std::process::Command::new("nvidia-smi")
+                .args([
+                    "--query-gpu=memory.total,name",
+                    "--format=csv,noheader,nounits",
+                ])
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let first = text.lines().next()?;
+            let (mib, name) = first.split_once(',')?;
+            Some((
+                mib.trim().parse::<u64>().ok()? << 20,
+                name.trim().to_string(),
+            ))
+        }
+    }
+}
+
 impl OnBackend for TrainArgs {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
         let recipe_path = resolve_recipe(&self.recipe);
         let recipe = Recipe::load_with(&recipe_path, &self.overrides)?;
-        let plan = TrainPlan::from_recipe(
-            &recipe,
-            &recipe_path,
-            &self.out,
-            self.cache.as_deref(),
-            self.stop_after,
-        )?;
+        // A dry run reads no cache: any cache folder (or none) plans the same.
+        let no_cache = PathBuf::from("<not read by --dry-run>");
+        let cache = match (&self.cache, self.dry_run) {
+            (Some(c), _) => Some(c.as_path()),
+            (None, true) => Some(
+                recipe
+                    .data
+                    .target_cache_path
+                    .as_deref()
+                    .unwrap_or(&no_cache),
+            ),
+            (None, false) => None,
+        };
+        let plan =
+            TrainPlan::from_recipe(&recipe, &recipe_path, &self.out, cache, self.stop_after)?;
+        let planned = planned_config(&plan, &recipe)?;
+        let memory = plan_memory(&planned, &plan.settings, plan.precision);
+        if self.dry_run {
+            let (bytes, name) = device_memory(self.device, self.device_memory_gib)
+                .filter(|_| self.device != DeviceKind::Cpu || self.device_memory_gib.is_some())
+                .unwrap_or((80 << 30, "GPU".into()));
+            println!(
+                "plan for {} ({} {}, {} at {}):",
+                recipe_path.display(),
+                plan.drafter.algorithm.name(),
+                if planned.v4.is_some() {
+                    "DeepSeek-V4"
+                } else {
+                    "drafter"
+                },
+                plan.target.display(),
+                recipe.train.precision
+            );
+            print!("{}", memory.report(&planned, bytes, &name));
+            return Ok(());
+        }
+        if let Some((bytes, name)) = device_memory(self.device, self.device_memory_gib) {
+            if !memory.fits(bytes) {
+                anyhow::bail!(
+                    "this job does not fit, so nothing was allocated:\n{}",
+                    memory.report(&planned, bytes, &name)
+                );
+            }
+        }
         // The recipe's precision is the compute dtype on whichever device runs it; the
         // optimizer keeps f32 masters and moments for anything narrower.
         set_compute_dtype::<B>(&device, plan.precision.dtype())

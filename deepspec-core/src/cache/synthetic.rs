@@ -88,13 +88,9 @@ pub fn write_v4_cache(
     target: &Path,
     spec: &SyntheticCache,
 ) -> Result<Manifest, CacheError> {
-    let weights = crate::io::safetensors::SafetensorsCheckpoint::open_dir(target)
-        .map_err(|e| CacheError::io(target, std::io::Error::other(e.to_string())))?;
-    let read = |name: &str| {
-        crate::io::WeightSource::tensor(&weights, name)
-            .map_err(|e| CacheError::io(target, std::io::Error::other(e.to_string())))
-    };
-    let (embed, head) = (read("embed.weight")?, read("head.weight")?);
+    let crate::io::target_head::TargetHead { embed, head } =
+        crate::io::target_head::load_target_head(target)
+            .map_err(|e| CacheError::io(target, std::io::Error::other(e.to_string())))?;
     let (v, d) = (embed.shape[0], embed.shape[1]);
     let taps = spec.target_layer_ids.len();
     let mut rng = Rng::new(spec.seed);

@@ -104,13 +104,13 @@ pub fn v4_layout(
 /// The target's `embed.weight` and `head.weight` from its Hugging Face folder, as a weight
 /// source holding just those two.
 pub fn target_embedding_and_head(target: &Path) -> Result<HostSource, LoadError> {
-    let weights = crate::io::safetensors::SafetensorsCheckpoint::open_dir(target)?;
+    let head = crate::io::target_head::load_target_head(target)?;
     Ok(HostSource {
         origin: target.to_path_buf(),
-        tensors: ["embed.weight", "head.weight"]
-            .into_iter()
-            .map(|n| Ok((n.to_string(), weights.tensor(n)?)))
-            .collect::<Result<_, LoadError>>()?,
+        tensors: BTreeMap::from([
+            ("embed.weight".to_string(), head.embed),
+            ("head.weight".to_string(), head.head),
+        ]),
     })
 }
 

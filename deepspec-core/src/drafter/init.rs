@@ -238,7 +238,12 @@ pub fn random_drafter<B: Backend>(
 /// by one 0 per stage (sliding-window only, as DeepSeek's published drafter config has it),
 /// and the `dspark_*` keys the engines read.
 pub fn new_v4_config(target_path: &Path, spec: &DrafterSpec) -> Result<DrafterConfig, LoadError> {
-    let file = target_path.join("config.json");
+    new_v4_config_from(&target_path.join("config.json"), spec)
+}
+
+/// [`new_v4_config`] from the target's `config.json` at `file`.
+pub fn new_v4_config_from(file: &Path, spec: &DrafterSpec) -> Result<DrafterConfig, LoadError> {
+    let file = file.to_path_buf();
     let text = std::fs::read_to_string(&file).map_err(|e| LoadError::io(&file, e))?;
     let value: Value = serde_json::from_str(&text)
         .map_err(|e| LoadError::corrupt(&file, format!("not valid JSON: {e}")))?;
@@ -289,7 +294,8 @@ pub fn new_v4_config(target_path: &Path, spec: &DrafterSpec) -> Result<DrafterCo
 }
 
 /// A fresh DeepSeek-V4 DSpark drafter for the V4 target folder `target_path`: its
-/// `config.json`, and its `embed.weight` and `head.weight` (the only target tensors read).
+/// `config.json`, and its `embed.weight` and `head.weight` (the only target tensors read:
+/// bf16, or FP8 with block scales, from `model.safetensors` or the shards an index names).
 pub fn new_v4_drafter<B: Backend>(
     target_path: &Path,
     spec: &DrafterSpec,

@@ -9,6 +9,7 @@ pub mod dspark_v4;
 pub mod eagle3;
 pub mod heads;
 pub mod init;
+pub mod layout;
 
 pub use config::{Algorithm, DrafterConfig, MarkovKind};
 pub use dspark::{BlockDraft, BlockFeatures, BlockInputs, DSparkModel};
