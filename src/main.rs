@@ -13,6 +13,10 @@ use clap::{Parser, Subcommand};
     about = "Train and evaluate draft models for speculative decoding (Eagle3, DFlash, DSpark)"
 )]
 struct Cli {
+    /// On an error, also print where in deepspec it was raised (a backtrace), for a bug
+    /// report; RUST_LIB_BACKTRACE=1 does the same.
+    #[arg(long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,8 +49,21 @@ enum Command {
     Bench(commands::bench::BenchCommand),
 }
 
+/// Whether errors carry a backtrace. A user error (a missing file, a bad field) reads best as
+/// its chain of causes alone, so RUST_BACKTRACE=1, often set machine-wide, does not add one;
+/// `--verbose` or RUST_LIB_BACKTRACE (which std reads first) asks for it. Panics, which are
+/// bugs, keep RUST_BACKTRACE's backtraces.
+fn choose_error_backtraces(verbose: bool) {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // Before any error exists (std reads the variable once, at the first capture) and
+        // while this is the only thread.
+        std::env::set_var("RUST_LIB_BACKTRACE", if verbose { "1" } else { "0" });
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    choose_error_backtraces(cli.verbose);
     match cli.command {
         Command::Prepare(args) => commands::prepare::run(args),
         Command::Cache(cmd) => commands::cache::run(cmd),

@@ -236,6 +236,86 @@ fn bad_inputs_are_clear() {
     );
 }
 
+/// A drafter step that `keep_last` deleted is named as missing, with the steps that exist,
+/// before any model is loaded; a second eval writing the same report or plots is refused.
+#[test]
+fn a_deleted_step_and_a_busy_report_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let golden = golden_dir();
+    let run_dir = dir.path().join("run");
+    for step in ["step_300", "step_200"] {
+        std::fs::create_dir_all(run_dir.join(step)).unwrap();
+    }
+    std::os::unix::fs::symlink("step_300", run_dir.join("step_latest")).unwrap();
+    let sets = datasets(dir.path());
+    let report = dir.path().join("r.json");
+    let eval_with = |drafter: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--target",
+            golden.join("target").to_str().unwrap(),
+            "--drafter",
+            drafter.to_str().unwrap(),
+            "--datasets",
+            sets.to_str().unwrap(),
+            "--sets",
+            "gsm8k",
+            "--max-new-tokens",
+            "4",
+            "--report",
+            report.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = deepspec(&args);
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (ok, e) = eval_with(&run_dir.join("step_100"), &[]);
+    assert!(!ok);
+    assert!(
+        e.contains("step_100: the folder does not exist")
+            && e.contains("holds step_200, step_300, step_latest")
+            && e.contains("train.keep_last"),
+        "{e}"
+    );
+    assert!(!e.contains("Caused by"), "{e}");
+
+    let lock = |dir: &Path, name: &str| {
+        let file = std::fs::File::create(dir.join(name)).unwrap();
+        file.try_lock().unwrap();
+        file
+    };
+    let held = lock(dir.path(), ".r.json.lock");
+    let (ok, e) = eval_with(&golden.join("dflash"), &[]);
+    assert!(!ok);
+    assert!(
+        e.contains(".r.json.lock") && e.contains("another `deepspec eval` is writing"),
+        "{e}"
+    );
+    drop(held);
+    let plots = dir.path().join("plots");
+    std::fs::create_dir(&plots).unwrap();
+    let held = lock(&plots, ".eval.lock");
+    let (ok, e) = eval_with(
+        &golden.join("dflash"),
+        &["--plots", plots.to_str().unwrap()],
+    );
+    assert!(!ok);
+    assert!(
+        e.contains(".eval.lock") && e.contains("another `deepspec eval` is writing"),
+        "{e}"
+    );
+    drop(held);
+    let (ok, e) = eval_with(
+        &golden.join("dflash"),
+        &["--plots", plots.to_str().unwrap()],
+    );
+    assert!(ok, "{e}");
+    assert!(report.is_file() && plots.join("acceptance_by_position.png").is_file());
+}
+
 /// `datasets held-out` writes prompts the evaluation never decodes.
 #[test]
 fn held_out_prompts_are_disjoint_from_the_eval_selection() {

@@ -220,3 +220,124 @@ fn bad_inputs_give_one_clear_error() {
         std::fs::read(out.join("step_latest/model.safetensors")).unwrap()
     );
 }
+
+/// Two trainings into one --out: while the first runs, the second stops at once naming the
+/// lock; the lock goes with the first process even when it is killed with SIGKILL; and
+/// --dry-run takes no lock and creates no folder.
+#[test]
+fn a_second_training_into_the_same_out_is_refused_while_the_first_runs() {
+    use std::fs::{File, TryLockError};
+    let dir = tempfile::tempdir().unwrap();
+    let (recipe, cache) = setup(dir.path());
+    let out = dir.path().join("run");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_deepspec"))
+        .args([
+            "train",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--cache",
+            cache.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "train.max_train_steps=1000000",
+        ])
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = out.join(".train.lock");
+    let held_by_first = || {
+        File::options()
+            .write(true)
+            .open(&lock)
+            .is_ok_and(|f| matches!(f.try_lock(), Err(TryLockError::WouldBlock)))
+    };
+    let started = std::time::Instant::now();
+    while !held_by_first() {
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first run ended before it was checked"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the first run never took {}",
+            lock.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = train(&recipe, &cache, &out, &["--resume"]);
+    let e = String::from_utf8_lossy(&second.stderr).into_owned();
+    assert!(!second.status.success(), "the second run was not refused");
+    assert!(e.contains(&lock.display().to_string()), "{e}");
+    assert!(e.contains("another `deepspec train` is writing"), "{e}");
+    assert!(first.try_wait().unwrap().is_none(), "the first run stopped");
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    File::options()
+        .write(true)
+        .open(&lock)
+        .unwrap()
+        .try_lock()
+        .expect("the lock outlived the killed run");
+
+    let planned = dir.path().join("planned");
+    let plan = train(&recipe, &cache, &planned, &["--dry-run"]);
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    assert!(!planned.exists(), "--dry-run created {}", planned.display());
+}
+
+/// `--recipe` takes a path, a name in recipes/ or that name with `.toml`; a name that is
+/// neither lists the recipes. With RUST_BACKTRACE=1 a user error is its message alone;
+/// --verbose adds the backtrace.
+#[test]
+fn recipe_names_resolve_and_errors_stay_readable_with_rust_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("planned");
+    let run = |recipe: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--recipe", recipe, "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_deepspec"))
+            .args(&args)
+            .current_dir(workspace_root())
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .output()
+            .unwrap()
+    };
+    for name in [
+        "dspark-v4-flash",
+        "dspark-v4-flash.toml",
+        "recipes/dspark-v4-flash.toml",
+    ] {
+        let o = run(name, &["--dry-run"]);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && stdout.contains("plan for recipes/dspark-v4-flash.toml"),
+            "{name}: {stdout}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let o = run("dspark-v4-flsh.toml", &["--dry-run"]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success());
+    assert!(e.contains("recipe `dspark-v4-flsh.toml` not found"), "{e}");
+    assert!(
+        e.contains("the recipes in recipes/ are: ")
+            && e.contains("dspark-v4-flash, dspark-v4-pro")
+            && e.contains("smollm2-dspark"),
+        "{e}"
+    );
+    assert!(!e.contains("backtrace"), "{e}");
+    let o = run("dspark-v4-flsh.toml", &["--dry-run", "--verbose"]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        e.contains("not found") && e.contains("Stack backtrace"),
+        "{e}"
+    );
+}

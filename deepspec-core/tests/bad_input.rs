@@ -1,7 +1,7 @@
 //! Broken model files give one clear error naming the file and the tensor.
 
 use deepspec_core::backend::Cpu;
-use deepspec_core::fixtures::golden_dir;
+use deepspec_core::fixtures::{golden_dir, smollm2};
 use deepspec_core::io::gguf::GgufFile;
 use deepspec_core::io::safetensors::{write_f32, NamedTensor, SafetensorsCheckpoint};
 use deepspec_core::io::{HostTensor, WeightSource};
@@ -147,6 +147,37 @@ fn not_a_model_path_is_explained() {
     assert!(err.contains("nothing-here"), "{err}");
     assert!(
         err.contains(".gguf file or a Hugging Face model folder"),
+        "{err}"
+    );
+}
+
+/// SmolLM2 with one tensor name damaged in its header (same length, so the file stays
+/// readable): the error names the missing Hugging Face tensor, the GGUF name it needs and the
+/// unexpected GGUF tensor found instead.
+#[test]
+fn damaged_gguf_tensor_name_names_the_unexpected_tensor() {
+    let mut bytes = std::fs::read(smollm2()).unwrap();
+    let name = b"blk.3.ffn_up.weight";
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("SmolLM2 has blk.3.ffn_up.weight");
+    bytes[at + "blk.3.ffn_u".len()] = b'q';
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("damaged.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let err = load_error(&path);
+    assert!(err.contains("damaged.gguf"), "{err}");
+    assert!(
+        err.contains("tensor `model.layers.3.mlp.up_proj.weight` is missing"),
+        "{err}"
+    );
+    assert!(
+        err.contains("no GGUF tensor `blk.3.ffn_up.weight` in the file"),
+        "{err}"
+    );
+    assert!(
+        err.contains("unexpected GGUF tensor `blk.3.ffn_uq.weight`"),
         "{err}"
     );
 }

@@ -200,3 +200,42 @@ fn one_sample_reads_without_the_rest_of_the_shard() {
     assert_eq!(reader.sample(1).unwrap(), samples[1]);
     assert!(reader.sample(0).is_err() || reader.sample(0).unwrap() != samples[0]);
 }
+
+/// A manifest is file contents: a shard name that leaves the cache folder is refused by
+/// `validate` and by the reader, and the file outside is never opened.
+#[test]
+fn a_shard_name_outside_the_cache_folder_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("cache");
+    std::fs::create_dir(&dir).unwrap();
+    let samples: Vec<CacheSample> = (0..2).map(|i| sample(i, 5, HiddenDtype::Bf16).0).collect();
+    let mut manifest = write_cache(&dir, HiddenDtype::Bf16, &samples);
+    // A whole, valid shard outside the folder: the escape must be refused by name, not
+    // because the file is missing or corrupt.
+    std::fs::rename(
+        dir.join(shard_file_name(0)),
+        root.path().join("outside.parquet"),
+    )
+    .unwrap();
+    for bad in [
+        "../outside.parquet".to_string(),
+        root.path().join("outside.parquet").display().to_string(),
+        "sub/shard.parquet".to_string(),
+        "..".to_string(),
+    ] {
+        manifest.shards[0].file_name = bad.clone();
+        manifest.store(&dir).unwrap();
+        for err in [
+            validate(&dir).err().map(|e| e.to_string()),
+            CacheReader::open(&dir).err().map(|e| e.to_string()),
+        ] {
+            let err = err.unwrap_or_else(|| panic!("`{bad}` was accepted"));
+            assert!(err.contains("manifest.json"), "{err}");
+            assert!(err.contains("shards[0].file_name"), "{err}");
+            assert!(
+                err.contains(&format!("`{bad}` is not a plain file name")),
+                "{err}"
+            );
+        }
+    }
+}

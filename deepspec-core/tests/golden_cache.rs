@@ -139,3 +139,37 @@ fn golden_cache_target_pass_matches_reference() {
         }
     }
 }
+
+/// A reference manifest whose shard name leaves its folder is refused before anything is
+/// read or written, naming the field.
+#[test]
+fn import_refuses_a_reference_shard_outside_its_folder() {
+    let golden = golden_dir();
+    let root = tempfile::tempdir().unwrap();
+    let src = root.path().join("reference");
+    std::fs::create_dir(&src).unwrap();
+    for name in ["samples.idx", "shard-00000.bin"] {
+        std::fs::copy(golden.join("cache").join(name), src.join(name)).unwrap();
+    }
+    // The shard itself sits next to the folder, so only the name can make it fail.
+    std::fs::copy(
+        golden.join("cache/shard-00000.bin"),
+        root.path().join("outside.bin"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(golden.join("cache/manifest.json")).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    manifest["shards"][0]["file_name"] = "../outside.bin".into();
+    std::fs::write(src.join("manifest.json"), manifest.to_string()).unwrap();
+    let dst = root.path().join("imported");
+    let err = import_reference(&src, &dst, 1 << 30)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("manifest.json"), "{err}");
+    assert!(err.contains("shards[0].file_name"), "{err}");
+    assert!(
+        err.contains("`../outside.bin` is not a plain file name"),
+        "{err}"
+    );
+    assert!(!dst.join("manifest.json").exists());
+}

@@ -9,6 +9,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor, TensorData};
 use deepspec_core::drafter::{named_params, Drafter, DrafterConfig};
+use deepspec_core::io::file_name::join_plain;
 use deepspec_core::io::safetensors::{write_f32, NamedTensor, SafetensorsFile};
 use deepspec_core::sampling::Rng;
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,10 @@ pub struct TrainerState {
     pub max_train_steps: usize,
 }
 
+/// The resume state's file in a checkpoint folder; also what marks a folder as one this
+/// trainer wrote.
+pub const TRAINER_STATE: &str = "trainer_state.json";
+
 pub fn step_dir(out: &Path, step: usize) -> PathBuf {
     out.join(format!("step_{step}"))
 }
@@ -37,8 +42,75 @@ pub fn latest(out: &Path) -> PathBuf {
     out.join("step_latest")
 }
 
+/// The checkpoint folder `OUT/step_latest` stands for, never outside `OUT`: the link must
+/// name a folder next to it (as [`save`] writes it, `step_<n>`), and that folder must be a
+/// real directory, not another link. A `step_latest` that is itself a folder is used as is.
+pub fn resolve_latest(out: &Path) -> anyhow::Result<PathBuf> {
+    let link = latest(out);
+    let meta = std::fs::symlink_metadata(&link)
+        .with_context(|| format!("no checkpoint to resume at {}", link.display()))?;
+    if !meta.file_type().is_symlink() {
+        return Ok(link);
+    }
+    let target = std::fs::read_link(&link)
+        .with_context(|| format!("reading the link {}", link.display()))?;
+    let outside = || {
+        anyhow::anyhow!(
+            "{} points at `{}`, which is not a step_<n> folder in {}; a checkpoint link may only name a folder next to it (repoint it with `ln -sfn step_<n> {}`)",
+            link.display(),
+            target.display(),
+            out.display(),
+            link.display()
+        )
+    };
+    let name = target.to_str().ok_or_else(outside)?;
+    let dir = join_plain(out, name).map_err(|_| outside())?;
+    let is_folder = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_dir());
+    if !is_folder {
+        bail!(
+            "{} points at `{name}`, but {} is not a checkpoint folder (deleted, or a link itself); resume from another step by repointing it with `ln -sfn step_<n> {}`",
+            link.display(),
+            dir.display(),
+            link.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// The step of a folder named exactly as [`step_dir`] names it (`step_7`, not `step_07`,
+/// `step_+7` or `step_latest`).
+fn step_of(name: &str) -> Option<usize> {
+    let step: usize = name.strip_prefix("step_")?.parse().ok()?;
+    (name == format!("step_{step}")).then_some(step)
+}
+
+/// Deletes all but the newest `keep_last` checkpoints in `out`. Only folders this trainer
+/// wrote are candidates: real directories (not links) in `out`, named `step_<n>` exactly,
+/// holding a `trainer_state.json`; anything else in `out` is left alone.
+fn prune(out: &Path, keep_last: usize) -> anyhow::Result<()> {
+    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(out)
+        .with_context(|| format!("listing {}", out.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| {
+            let step = step_of(e.file_name().to_str()?)?;
+            e.path()
+                .join(TRAINER_STATE)
+                .is_file()
+                .then(|| (step, e.path()))
+        })
+        .collect();
+    steps.sort();
+    let excess = steps.len().saturating_sub(keep_last);
+    for (_, path) in steps.into_iter().take(excess) {
+        std::fs::remove_dir_all(&path)
+            .with_context(|| format!("removing old checkpoint {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Writes `OUT/step_<step>` and repoints `OUT/step_latest`, then keeps only the newest
-/// `keep_last` step folders (0 keeps all).
+/// `keep_last` step folders (0 keeps all; see [`prune`] for which folders count).
 pub fn save<B: AutodiffBackend>(
     out: &Path,
     drafter: &Drafter<B>,
@@ -82,10 +154,10 @@ pub fn save<B: AutodiffBackend>(
     let meta = BTreeMap::from([("adam_step".to_string(), optim.step.to_string())]);
     write_f32(&tmp.join("optimizer.safetensors"), &named, &meta)?;
     std::fs::write(
-        tmp.join("trainer_state.json"),
+        tmp.join(TRAINER_STATE),
         serde_json::to_string_pretty(state)? + "\n",
     )
-    .with_context(|| format!("writing {}", tmp.join("trainer_state.json").display()))?;
+    .with_context(|| format!("writing {}", tmp.join(TRAINER_STATE).display()))?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)
             .with_context(|| format!("replacing {}", final_dir.display()))?;
@@ -100,20 +172,7 @@ pub fn save<B: AutodiffBackend>(
     std::fs::rename(&link_tmp, latest(out))
         .with_context(|| format!("updating {}", latest(out).display()))?;
     if keep_last > 0 {
-        let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(out)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                let n: usize = name.strip_prefix("step_")?.parse().ok()?;
-                Some((n, e.path()))
-            })
-            .collect();
-        steps.sort();
-        let excess = steps.len().saturating_sub(keep_last);
-        for (_, path) in steps.into_iter().take(excess) {
-            std::fs::remove_dir_all(&path)
-                .with_context(|| format!("removing old checkpoint {}", path.display()))?;
-        }
+        prune(out, keep_last)?;
     }
     Ok(final_dir)
 }
@@ -124,10 +183,9 @@ pub fn load<B: AutodiffBackend>(
     optim: &mut AdamW<B>,
     device: &B::Device,
 ) -> anyhow::Result<(Drafter<B>, DrafterConfig, TrainerState)> {
-    let dir = std::fs::canonicalize(latest(out))
-        .with_context(|| format!("no checkpoint to resume at {}", latest(out).display()))?;
+    let dir = resolve_latest(out)?;
     let (drafter, config) = Drafter::<B>::load(&dir, device)?;
-    let state_path = dir.join("trainer_state.json");
+    let state_path = dir.join(TRAINER_STATE);
     let state: TrainerState = serde_json::from_str(
         &std::fs::read_to_string(&state_path)
             .with_context(|| format!("reading {}", state_path.display()))?,

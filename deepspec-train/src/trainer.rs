@@ -19,10 +19,14 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 use deepspec_core::drafter::{BlockDrafter, Drafter, DrafterConfig};
+use deepspec_core::io::lock::lock_folder;
 use deepspec_core::sampling::Rng;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// The lock file a training run holds in its output folder.
+pub const TRAIN_LOCK: &str = ".train.lock";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainSettings {
@@ -192,7 +196,15 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
         global_batch_size: settings.global_batch_size,
         max_train_steps: max_steps,
     };
-    if resume && checkpoint::latest(out).exists() {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating output folder {}", out.display()))?;
+    // Held until training ends (the OS releases it if the process dies), so a second run
+    // into the same folder stops here instead of writing the same step folders and logs.
+    let _lock = lock_folder(out, TRAIN_LOCK, "`deepspec train`")?;
+    // A dangling `step_latest` (its folder deleted) still counts as a run to resume: the
+    // resume then says what is wrong instead of silently starting over.
+    let has_run = std::fs::symlink_metadata(checkpoint::latest(out)).is_ok();
+    if resume && has_run {
         let (d, c, s) = checkpoint::load(out, &mut optim, device)?;
         if s.local_batch_size != b || s.global_batch_size != settings.global_batch_size {
             bail!(
@@ -207,14 +219,12 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
         config = c;
         state = s;
         state.max_train_steps = max_steps;
-    } else if !resume && checkpoint::latest(out).exists() {
+    } else if !resume && has_run {
         bail!(
             "{} already holds a run (step_latest exists): pass --resume to continue it, or choose another --out",
             out.display()
         );
     }
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("creating output folder {}", out.display()))?;
     let probe = out.join(".write-test");
     std::fs::write(&probe, b"")
         .with_context(|| format!("output folder {} is not writable", out.display()))?;

@@ -354,7 +354,7 @@ impl OnBackend for EvalBench {
         use deepspec_eval::engine::{decode, decode_batch};
         use deepspec_eval::plan::{EvalChoices, EvalPlan};
         use deepspec_eval::proposer::{NoDraft, Proposer};
-        let recipe_path = crate::commands::train::resolve_recipe(&self.recipe);
+        let recipe_path = crate::commands::train::resolve_recipe(&self.recipe)?;
         let recipe = deepspec_core::recipe::Recipe::load(&recipe_path)?;
         let plan = EvalPlan::from_recipe(
             Some((&recipe_path, &recipe)),
@@ -369,6 +369,7 @@ impl OnBackend for EvalBench {
                 ..Default::default()
             },
         )?;
+        crate::commands::require_checkpoint_dir(&self.drafter, "--drafter")?;
         let target = load_target::<B>(&plan.target, &device)?;
         let (drafter, config) = Drafter::<B>::load(&self.drafter, &device)?;
         config.check_target(&target.config, &plan.target)?;

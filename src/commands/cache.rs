@@ -13,7 +13,7 @@ fn synthetic_v4(
     seq_len: usize,
     seed: u64,
 ) -> anyhow::Result<()> {
-    let path = crate::commands::train::resolve_recipe(recipe_name);
+    let path = crate::commands::train::resolve_recipe(recipe_name)?;
     let recipe = Recipe::load_with(&path, &[])?;
     let target = &recipe.model.target_model_name_or_path;
     let Some(out) = out.or(recipe.data.target_cache_path.clone()) else {

@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
 use deepspec_core::drafter::Drafter;
 use deepspec_core::io::chat::ChatTemplate;
+use deepspec_core::io::lock::{lock_folder, FolderLock};
 use deepspec_core::model::load_target;
 use deepspec_core::recipe::Recipe;
 use deepspec_eval::datasets::{load_sets, Domain, Lookup};
@@ -19,7 +20,7 @@ use deepspec_eval::report::{regression_gate, CalibrationReport, Report, SetRepor
 use deepspec_eval::runner::run_set;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct EvalArgs {
@@ -80,6 +81,38 @@ pub struct EvalArgs {
     pub device: DeviceKind,
 }
 
+/// Locks what this eval writes: the report (a lock file beside it, named after it), the
+/// plots folder and, with `--calibrate`, the drafter folder that receives `calibration.json`.
+fn lock_outputs(
+    report: &Path,
+    plots: Option<&Path>,
+    calibrated_drafter: Option<&Path>,
+) -> anyhow::Result<Vec<FolderLock>> {
+    let holder = "`deepspec eval`";
+    let report_dir = report
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let report_name = report
+        .file_name()
+        .with_context(|| format!("--report {}: not a file name", report.display()))?;
+    std::fs::create_dir_all(report_dir)
+        .with_context(|| format!("creating {}", report_dir.display()))?;
+    let mut locks = vec![lock_folder(
+        report_dir,
+        &format!(".{}.lock", report_name.to_string_lossy()),
+        holder,
+    )?];
+    if let Some(dir) = plots {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        locks.push(lock_folder(dir, ".eval.lock", holder)?);
+    }
+    if let Some(dir) = calibrated_drafter {
+        locks.push(lock_folder(dir, ".calibrate.lock", holder)?);
+    }
+    Ok(locks)
+}
+
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let gate = dispatch(args.device, args)?;
     if !gate {
@@ -95,7 +128,7 @@ impl OnBackend for EvalArgs {
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<bool> {
         let recipe = match &self.recipe {
             Some(r) => {
-                let path = crate::commands::train::resolve_recipe(&r.display().to_string());
+                let path = crate::commands::train::resolve_recipe(&r.display().to_string())?;
                 let recipe = Recipe::load(&path)?;
                 Some((path, recipe))
             }
@@ -113,6 +146,14 @@ impl OnBackend for EvalArgs {
                 seed: self.seed,
                 batch_size: self.batch_size,
             },
+        )?;
+        crate::commands::require_checkpoint_dir(&self.drafter, "--drafter")?;
+        // Held until the report and plots are written: a second eval writing the same files
+        // stops here instead of interleaving its temporary files with ours.
+        let _locks = lock_outputs(
+            &self.report,
+            self.plots.as_deref(),
+            self.calibrate.then_some(self.drafter.as_path()),
         )?;
         let target_path = &plan.target;
         let target = load_target::<B>(target_path, &device)

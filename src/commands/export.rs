@@ -15,6 +15,7 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
+    crate::commands::require_checkpoint_dir(&args.drafter, "--drafter")?;
     if args.out.join("model.safetensors").exists() || args.out.join("config.json").exists() {
         bail!(
             "{} already holds a model; export into a new folder",

@@ -69,7 +69,8 @@ fn parse_dtype(s: &str) -> Result<HiddenDtype, String> {
 
 impl PrepareArgs {
     fn options(&self) -> anyhow::Result<PrepareOptions> {
-        let mut recipe = Recipe::load_with(&self.recipe, &self.overrides)?;
+        let recipe_path = crate::commands::train::resolve_recipe(&self.recipe.to_string_lossy())?;
+        let mut recipe = Recipe::load_with(&recipe_path, &self.overrides)?;
         if let Some(dtype) = self.hidden_dtype {
             recipe.prepare.hidden_dtype = dtype;
         }
@@ -85,7 +86,7 @@ impl PrepareArgs {
         };
         Ok(PrepareOptions {
             recipe,
-            recipe_path: self.recipe.clone(),
+            recipe_path,
             source,
             limit: self.limit,
             out: self.out.clone(),

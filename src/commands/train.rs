@@ -52,18 +52,46 @@ pub struct TrainArgs {
     pub device_memory_gib: Option<f64>,
 }
 
-/// A recipe given by path, or by name under `recipes/`.
-pub fn resolve_recipe(name: &str) -> PathBuf {
+/// A recipe given by path, or by name under `recipes/` (`smollm2-dspark` or
+/// `smollm2-dspark.toml`). When neither exists the error lists the recipes in `recipes/`.
+pub fn resolve_recipe(name: &str) -> anyhow::Result<PathBuf> {
     let direct = PathBuf::from(name);
-    if direct.exists() {
-        return direct;
+    if direct.is_file() {
+        return Ok(direct);
     }
-    let named = Path::new("recipes").join(format!("{name}.toml"));
-    if named.exists() {
-        named
+    let folder = Path::new("recipes");
+    let file_name = if name.ends_with(".toml") {
+        name.to_string()
     } else {
-        direct
+        format!("{name}.toml")
+    };
+    let named = folder.join(&file_name);
+    if named.is_file() {
+        return Ok(named);
     }
+    let mut known: Vec<String> = std::fs::read_dir(folder)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter_map(|n| n.strip_suffix(".toml").map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    known.sort();
+    if known.is_empty() {
+        anyhow::bail!(
+            "recipe `{name}` not found: no such file, and there is no recipes/ folder with recipes here ({}); pass a recipe file's path or run from the repository root",
+            std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|_| ".".into())
+        );
+    }
+    anyhow::bail!(
+        "recipe `{name}` not found: no such file, nor {}; the recipes in recipes/ are: {}",
+        named.display(),
+        known.join(", ")
+    )
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -149,7 +177,7 @@ impl OnBackend for TrainArgs {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
-        let recipe_path = resolve_recipe(&self.recipe);
+        let recipe_path = resolve_recipe(&self.recipe)?;
         let recipe = Recipe::load_with(&recipe_path, &self.overrides)?;
         // A dry run reads no cache: any cache folder (or none) plans the same.
         let no_cache = PathBuf::from("<not read by --dry-run>");
@@ -267,7 +295,7 @@ pub enum RecipeCommand {
 pub fn run_recipe(cmd: RecipeCommand) -> anyhow::Result<()> {
     match cmd {
         RecipeCommand::Show { name, overrides } => {
-            let path = resolve_recipe(&name);
+            let path = resolve_recipe(&name)?;
             let recipe = Recipe::load_with(&path, &overrides)?;
             print!("# {}\n{}", path.display(), recipe.to_toml());
             Ok(())

@@ -7,6 +7,7 @@
 use super::schema::HiddenDtype;
 use super::CacheError;
 use crate::io::atomic::write_atomically;
+use crate::io::file_name::check_plain_file_name;
 use crate::layers::TargetLayerIds;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -95,7 +96,8 @@ impl Manifest {
         dir.join(MANIFEST_FILE)
     }
 
-    /// Reads `dir/manifest.json` and checks its header fields.
+    /// Reads `dir/manifest.json` and checks its header fields and that every shard is a plain
+    /// file name in `dir`.
     pub fn load(dir: &Path) -> Result<Self, CacheError> {
         let path = Self::path(dir);
         let text = std::fs::read_to_string(&path).map_err(|e| CacheError::io(&path, e))?;
@@ -137,6 +139,15 @@ impl Manifest {
                     manifest.version
                 ),
             ));
+        }
+        for (k, shard) in manifest.shards.iter().enumerate() {
+            check_plain_file_name(&shard.file_name).map_err(|e| {
+                CacheError::field(
+                    &path,
+                    format!("shards[{k}].file_name"),
+                    format!("{e}; a manifest may only name shards in the cache folder (fix the entry or rebuild the cache)"),
+                )
+            })?;
         }
         if let Some(n) = manifest.target.num_layers {
             layers.check(n).map_err(|e| {

@@ -7,6 +7,7 @@ use super::manifest::{
 use super::schema::{EncodedHidden, HiddenDtype};
 use super::writer::{ShardLayout, ShardWriter};
 use super::{CacheError, CacheSample};
+use crate::io::file_name::join_plain;
 use crate::layers::TargetLayerIds;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -120,7 +121,12 @@ impl ReferenceCache {
             let name = shard["file_name"]
                 .as_str()
                 .ok_or_else(|| field(&format!("shards[{k}].file_name"), "is missing".into()))?;
-            let path = dir.join(name);
+            let path = join_plain(dir, name).map_err(|e| {
+                field(
+                    &format!("shards[{k}].file_name"),
+                    format!("{e}; a reference manifest may only name shards in its own folder"),
+                )
+            })?;
             if !path.is_file() {
                 return Err(CacheError::io(
                     &path,

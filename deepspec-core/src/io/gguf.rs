@@ -404,20 +404,65 @@ pub struct GgufWeights {
     n_kv_heads: usize,
     /// HF name -> GGUF name
     names: BTreeMap<String, String>,
+    /// GGUF tensors that map to no Hugging Face name (a damaged or unknown name), named
+    /// when a tensor turns out missing.
+    unmapped: Vec<String>,
 }
 
 impl GgufWeights {
     pub fn new(file: GgufFile, n_heads: usize, n_kv_heads: usize) -> Self {
-        let names = file
-            .gguf_tensor_names()
-            .filter_map(|g| hf_name(g).map(|hf| (hf, g.clone())))
-            .collect();
+        let mut names = BTreeMap::new();
+        let mut unmapped = Vec::new();
+        for g in file.gguf_tensor_names() {
+            match hf_name(g) {
+                Some(hf) => {
+                    names.insert(hf, g.clone());
+                }
+                None => unmapped.push(g.clone()),
+            }
+        }
+        unmapped.sort();
         GgufWeights {
             file,
             n_heads,
             n_kv_heads,
             names,
+            unmapped,
         }
+    }
+
+    /// Why `hf` has no GGUF tensor: the GGUF name it would have, and the file's tensors that
+    /// map to nothing (those of the same layer first), which is where a damaged name shows.
+    fn missing_hint(&self, hf: &str) -> String {
+        let expected = gguf_name(hf).map_or(String::new(), |g| format!(" `{g}`"));
+        let layer = hf
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split_once('.'))
+            .map(|(layer, _)| format!("blk.{layer}."));
+        let same_layer: Vec<&String> = self
+            .unmapped
+            .iter()
+            .filter(|g| layer.as_ref().is_some_and(|l| g.starts_with(l.as_str())))
+            .collect();
+        let shown = if same_layer.is_empty() {
+            self.unmapped.iter().collect()
+        } else {
+            same_layer
+        };
+        let unexpected = match shown.len() {
+            0 => String::new(),
+            n => format!(
+                "; unexpected GGUF tensor{} {} (a damaged or unsupported name?)",
+                if n == 1 { "" } else { "s" },
+                shown
+                    .iter()
+                    .take(8)
+                    .map(|g| format!("`{g}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        format!(" (no GGUF tensor{expected} in the file{unexpected})")
     }
 
     pub fn file(&self) -> &GgufFile {
@@ -425,35 +470,50 @@ impl GgufWeights {
     }
 }
 
+/// llama.cpp's names for the whole-model tensors and the Hugging Face keys.
+const GLOBAL_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// llama.cpp's names for a layer's tensors (after `blk.<n>.`) and the Hugging Face keys
+/// (after `model.layers.<n>.`).
+const LAYER_NAMES: [(&str, &str); 11] = [
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("attn_q_norm.weight", "self_attn.q_norm.weight"),
+    ("attn_k_norm.weight", "self_attn.k_norm.weight"),
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+
 /// Maps a llama.cpp tensor name to the Hugging Face key.
 fn hf_name(gguf: &str) -> Option<String> {
-    let simple = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(s) = simple {
-        return Some(s.to_string());
+    if let Some((_, hf)) = GLOBAL_NAMES.iter().find(|(g, _)| *g == gguf) {
+        return Some(hf.to_string());
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, suffix) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let hf = match suffix {
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "attn_q_norm.weight" => "self_attn.q_norm.weight",
-        "attn_k_norm.weight" => "self_attn.k_norm.weight",
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
+    let (_, hf) = LAYER_NAMES.iter().find(|(g, _)| *g == suffix)?;
     Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// The llama.cpp tensor name of a Hugging Face key (the inverse of [`hf_name`]).
+fn gguf_name(hf: &str) -> Option<String> {
+    if let Some((g, _)) = GLOBAL_NAMES.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let (layer, suffix) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (g, _) = LAYER_NAMES.iter().find(|(_, h)| *h == suffix)?;
+    Some(format!("blk.{layer}.{g}"))
 }
 
 impl WeightSource for GgufWeights {
@@ -472,7 +532,7 @@ impl WeightSource for GgufWeights {
             .ok_or_else(|| LoadError::MissingTensor {
                 path: self.file.path().to_path_buf(),
                 tensor: name.to_string(),
-                hint: " (no GGUF tensor maps to this Hugging Face name)".into(),
+                hint: self.missing_hint(name),
             })?;
         let tensor = self.file.dequantize(gguf_name)?;
         Ok(if name.ends_with("self_attn.q_proj.weight") {

@@ -1,11 +1,14 @@
 //! Reading (and writing) model files: safetensors in the Hugging Face layout (with DeepSeek's
 //! block-scaled FP8), a target's embedding and head on their own, GGUF, tokenizers and chat
-//! templates; and the atomic file replacement every writer uses.
+//! templates; the atomic file replacement every writer uses, the folder lock every writing
+//! command takes, and the check that a file name read from a file stays inside its folder.
 
 pub mod atomic;
 pub mod chat;
+pub mod file_name;
 pub mod fp8;
 pub mod gguf;
+pub mod lock;
 pub mod safetensors;
 pub mod target_head;
 pub mod tokenizer;

@@ -399,18 +399,13 @@ pub fn read_weight_map(index_path: &Path) -> Result<BTreeMap<String, String>, Lo
                 "must be a shard file name (a string)",
             )
         })?;
-        let plain = !shard.is_empty()
-            && !shard.contains(['/', '\\'])
-            && shard != "."
-            && shard != ".."
-            && !Path::new(shard).is_absolute();
-        if !plain {
-            return Err(LoadError::field(
+        super::file_name::check_plain_file_name(shard).map_err(|e| {
+            LoadError::field(
                 index_path,
                 format!("weight_map.{tensor}"),
-                format!("shard `{shard}` is not a plain file name inside the checkpoint folder; an index may only name files next to it (fix or re-download the index)"),
-            ));
-        }
+                format!("shard {e}; an index may only name files next to it (fix or re-download the index)"),
+            )
+        })?;
         weight_map.insert(tensor.clone(), shard.to_string());
     }
     Ok(weight_map)

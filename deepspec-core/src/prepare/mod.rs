@@ -87,7 +87,8 @@ pub fn prepare<B: Backend>(
     // Identity, layer check and an existing cache's compatibility come before any heavy work.
     let mut planned = plan::plan_job(opts)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let _lock = lock_cache(out)?;
+    // Held while this run writes the cache, so two runs never interleave their writes.
+    let _lock = crate::io::lock::lock_folder(out, ".prepare.lock", "`deepspec prepare`")?;
     remove_temporaries(out)?;
     let existing = if Manifest::path(out).exists() {
         let m = Manifest::load(out)?;
@@ -358,28 +359,6 @@ fn kept_prefix(dir: &std::path::Path, manifest: &Manifest) -> usize {
         next = s.source_end;
     }
     manifest.shards.len()
-}
-
-/// Holds an exclusive lock on `dir/.prepare.lock` while a run writes the cache (the OS drops
-/// it when the process dies, even by `kill -9`), so two runs never interleave their writes.
-fn lock_cache(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    let path = dir.join(".prepare.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "{}: another `deepspec prepare` is writing this cache; wait for it or stop it",
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", path.display()))
-        }
-    }
 }
 
 /// Deletes what an interrupted run left half-written (`*.tmp`).

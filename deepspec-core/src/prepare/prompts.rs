@@ -137,20 +137,31 @@ pub fn read_prompts(
     limit: Option<usize>,
     mut warn: impl FnMut(&str),
 ) -> Result<Vec<Conversation>, PromptError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PromptError::Io {
+    let bytes = std::fs::read(path).map_err(|source| PromptError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     let mut prompts = Vec::new();
     let mut skipped = 0;
-    for (i, line) in text.lines().enumerate() {
+    // Lines as `str::lines` splits them (`\n`, an optional `\r` before it), decoded one by one
+    // so that a line that is not UTF-8 is reported with its number like any other bad line.
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         if limit.is_some_and(|n| prompts.len() >= n) {
             break;
         }
-        if line.trim().is_empty() {
-            continue;
-        }
-        match parse_line(line) {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let parsed = match std::str::from_utf8(raw) {
+            Ok(line) if line.trim().is_empty() => continue,
+            Ok(line) => parse_line(line),
+            Err(e) => Err((
+                "(line)".to_string(),
+                format!(
+                    "is not valid UTF-8 (bad byte at column {}); save the file as UTF-8",
+                    e.valid_up_to() + 1
+                ),
+            )),
+        };
+        match parsed {
             Ok(c) => prompts.push(c),
             Err((field, detail)) => match on_bad_line {
                 OnBadLine::Fail => {
@@ -218,6 +229,38 @@ mod tests {
             parse_line(r#"{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}"#)
                 .unwrap();
         assert_eq!(sharegpt[1], Message::new("assistant", "a"));
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_named_by_its_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prompts.jsonl");
+        let mut bytes = b"{\"turns\": [\"caf\xc3\xa9\"]}\r\n{\"turns\": [\"caf".to_vec();
+        bytes.extend_from_slice(b"\xe9\"]}\n{\"turns\": [\"ok\"]}\n");
+        std::fs::write(&path, &bytes).unwrap();
+        let err = read_prompts(&path, OnBadLine::Fail, None, |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "prompts.jsonl:2: field `(line)`: is not valid UTF-8 (bad byte at column 16)"
+            ),
+            "{err}"
+        );
+        let mut warnings = Vec::new();
+        let prompts = read_prompts(&path, OnBadLine::Skip, None, |w| {
+            warnings.push(w.to_string())
+        })
+        .unwrap();
+        assert_eq!(
+            prompts,
+            vec![
+                vec![Message::new("user", "café")],
+                vec![Message::new("user", "ok")]
+            ]
+        );
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("prompts.jsonl:2"), "{}", warnings[0]);
     }
 
     #[test]
