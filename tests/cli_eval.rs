@@ -94,8 +94,34 @@ fn report_schema_plots_and_missing_sets() {
         );
     }
     assert_eq!(report["sets"]["mt-bench"]["domain"], "chat");
+    // Prefix survival per position; this run is far too short to fit a temperature, so
+    // every position keeps 1 and says why.
     let calibration = &report["calibration"];
-    assert_eq!(calibration["sts_temperatures"].as_array().unwrap().len(), 7);
+    assert_eq!(calibration["ece_bins"], 20);
+    let rounds = calibration["rounds"].as_u64().unwrap();
+    assert!(rounds > 0);
+    assert_eq!(
+        calibration["fit_rounds"].as_u64().unwrap()
+            + calibration["measured_rounds"].as_u64().unwrap(),
+        rounds
+    );
+    assert_eq!(calibration["sts_temperatures"], serde_json::json!([1.0; 7]));
+    let notes = calibration["sts_notes"].as_array().unwrap();
+    assert_eq!(notes.len(), 7, "{notes:?}");
+    assert!(
+        notes[0].as_str().unwrap().starts_with("position 1: ")
+            && notes[0]
+                .as_str()
+                .unwrap()
+                .contains("fewer than 100; temperature 1 (not fitted)"),
+        "{notes:?}"
+    );
+    let positions = calibration["positions"].as_array().unwrap();
+    assert_eq!(positions.len(), 7);
+    assert_eq!(positions[0]["position"], 1);
+    assert_eq!(positions[0]["ece_before"], positions[0]["ece_after"]);
+    assert!(positions[0]["rounds"].as_u64().unwrap() > 0);
+    assert!(positions[0]["reliability_before"].as_array().unwrap().len() > 0);
     assert_eq!(calibration["threshold_sweep"].as_array().unwrap().len(), 21);
     for png in [
         "acceptance_by_position.png",
@@ -108,6 +134,11 @@ fn report_schema_plots_and_missing_sets() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         table.contains("| gsm8k |") && table.contains("**macro**"),
+        "{table}"
+    );
+    assert!(
+        table.contains("| position | rounds | observed | τ | ECE before | ECE after |")
+            && table.contains("STS: position 7: "),
         "{table}"
     );
 }
@@ -375,5 +406,55 @@ fn held_out_prompts_are_disjoint_from_the_eval_selection() {
     assert!(
         !out.status.success() && stderr.contains("none is held out"),
         "{stderr}"
+    );
+}
+
+/// `--calibrate` writes the fitted temperatures beside the drafter, and identity where the
+/// run is too short to fit, saying so.
+#[test]
+fn calibrate_writes_the_temperatures_beside_the_drafter() {
+    let dir = tempfile::tempdir().unwrap();
+    let drafter = dir.path().join("dspark");
+    std::fs::create_dir_all(&drafter).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(golden_dir().join("dspark").join(file), drafter.join(file)).unwrap();
+    }
+    let sets = datasets(dir.path());
+    let out = deepspec(&[
+        "eval",
+        "--target",
+        golden_dir().join("target").to_str().unwrap(),
+        "--drafter",
+        drafter.to_str().unwrap(),
+        "--datasets",
+        sets.to_str().unwrap(),
+        "--sets",
+        "gsm8k,mt-bench",
+        "--max-new-tokens",
+        "24",
+        "--temperature",
+        "0",
+        "--report",
+        dir.path().join("r.json").to_str().unwrap(),
+        "--calibrate",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(drafter.join("calibration.json")).unwrap())
+            .unwrap();
+    assert_eq!(written["method"], "sequential_temperature_scaling");
+    assert_eq!(written["predicts"], "prefix_survival");
+    assert_eq!(written["temperatures"], serde_json::json!([1.0; 7]));
+    assert_eq!(written["ece_bins"], 20);
+    assert_eq!(written["notes"].as_array().unwrap().len(), 7);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("r.json")).unwrap()).unwrap();
+    assert_eq!(
+        written["temperatures"],
+        report["calibration"]["sts_temperatures"]
     );
 }

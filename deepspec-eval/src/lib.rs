@@ -1,6 +1,7 @@
 //! Evaluation: the verifying speculative-decoding engine (target KV cache, draft proposals,
 //! rejection sampling, bonus token) and its per-round trace.
 
+pub mod calibration;
 pub mod datasets;
 pub mod engine;
 pub mod metrics;

@@ -1,6 +1,7 @@
 //! Acceptance metrics over decoding traces: τ (committed tokens per verification, bonus
-//! included), position-wise conditional acceptance, and the confidence head's calibration
-//! (reliability, ECE, ROC-AUC, threshold sweep, Sequential Temperature Scaling).
+//! included), position-wise conditional acceptance, calibration measures (reliability, ECE,
+//! ROC-AUC) and the confidence-threshold sweep. Sequential Temperature Scaling is in
+//! `calibration.rs`.
 
 use crate::engine::DecodeTrace;
 
@@ -54,33 +55,6 @@ impl AcceptanceStats {
     }
 }
 
-/// One confidence prediction and whether the slot was accepted, given every earlier slot
-/// was (the event the head predicts).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ConfidencePoint {
-    pub slot: usize,
-    pub logit: f64,
-    pub accepted: bool,
-}
-
-/// Confidence points of every round: slots up to and including the first rejection.
-pub fn confidence_points(trace: &DecodeTrace) -> Vec<ConfidencePoint> {
-    let mut points = Vec::new();
-    for round in &trace.rounds {
-        let limit = round
-            .confidence_logits
-            .len()
-            .min(round.effective_proposal_length);
-        for slot in 0..limit.min(round.accepted + 1) {
-            points.push(ConfidencePoint {
-                slot,
-                logit: round.confidence_logits[slot] as f64,
-                accepted: slot < round.accepted,
-            });
-        }
-    }
-    points
-}
 pub use deepspec_core::sampling::sigmoid;
 
 /// Reliability bins: (mean confidence, accuracy, count) over `bins` equal-width bins.
@@ -103,10 +77,14 @@ pub fn reliability(probs: &[(f64, bool)], bins: usize) -> Vec<(f64, f64, usize)>
         .collect()
 }
 
-/// Expected calibration error over 10 equal-width bins.
+/// Bins of the expected calibration error: the reference's 20 equal-width bins (spec §6.9).
+pub const ECE_BINS: usize = 20;
+
+/// Expected calibration error over [`ECE_BINS`] equal-width bins: the count-weighted mean of
+/// |mean prediction − observed rate| per bin.
 pub fn ece(probs: &[(f64, bool)]) -> f64 {
     let total = probs.len().max(1) as f64;
-    reliability(probs, 10)
+    reliability(probs, ECE_BINS)
         .iter()
         .map(|&(p, y, n)| n as f64 / total * (p - y).abs())
         .sum()
@@ -134,61 +112,6 @@ pub fn roc_auc(probs: &[(f64, bool)]) -> Option<f64> {
         i = j + 1;
     }
     Some((rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives))
-}
-
-/// Sequential Temperature Scaling: one temperature per slot, each minimising the log loss of
-/// `σ(z / T_k)` on its slot's points (golden-section search over `log T`).
-pub fn fit_sts(points: &[ConfidencePoint], slots: usize) -> Vec<f64> {
-    (0..slots)
-        .map(|k| {
-            let data: Vec<(f64, bool)> = points
-                .iter()
-                .filter(|p| p.slot == k)
-                .map(|p| (p.logit, p.accepted))
-                .collect();
-            if data.is_empty() {
-                return 1.0;
-            }
-            let nll = |log_t: f64| -> f64 {
-                let t = log_t.exp();
-                data.iter()
-                    .map(|&(z, y)| {
-                        let p = sigmoid(z / t).clamp(1e-12, 1.0 - 1e-12);
-                        if y {
-                            -p.ln()
-                        } else {
-                            -(1.0 - p).ln()
-                        }
-                    })
-                    .sum()
-            };
-            let (mut lo, mut hi) = ((0.05f64).ln(), (20.0f64).ln());
-            let phi = (5f64.sqrt() - 1.0) / 2.0;
-            for _ in 0..80 {
-                let a = hi - phi * (hi - lo);
-                let b = lo + phi * (hi - lo);
-                if nll(a) < nll(b) {
-                    hi = b;
-                } else {
-                    lo = a;
-                }
-            }
-            ((lo + hi) / 2.0).exp()
-        })
-        .collect()
-}
-
-/// Calibrated probabilities `σ(z / T_slot)` (temperature 1 for slots without one).
-pub fn calibrated(points: &[ConfidencePoint], temperatures: &[f64]) -> Vec<(f64, bool)> {
-    points
-        .iter()
-        .map(|p| {
-            (
-                sigmoid(p.logit / temperatures.get(p.slot).copied().unwrap_or(1.0)),
-                p.accepted,
-            )
-        })
-        .collect()
 }
 
 /// One threshold of the static sweep.
@@ -254,21 +177,14 @@ mod tests {
         assert!(ece(&calibrated) < 1e-12);
     }
 
+    /// 0.72 and 0.78 share a bin of ten but not of twenty: the reference's binning (§6.9).
     #[test]
-    fn sts_recovers_a_known_temperature() {
-        // Labels drawn so that P(accept) = σ(z / 2): the fitted temperature is near 2.
-        let mut rng = deepspec_core::sampling::Rng::new(4);
-        let points: Vec<ConfidencePoint> = (0..20000)
-            .map(|i| {
-                let z = (i % 200) as f64 / 20.0 - 5.0;
-                ConfidencePoint {
-                    slot: 0,
-                    logit: z,
-                    accepted: rng.uniform() < sigmoid(z / 2.0),
-                }
-            })
-            .collect();
-        let t = fit_sts(&points, 1)[0];
-        assert!((t - 2.0).abs() < 0.15, "fitted temperature {t}");
+    fn ece_uses_twenty_bins() {
+        let probs = [(0.72, false), (0.78, true)];
+        assert!(
+            (ece(&probs) - (0.72 + 0.22) / 2.0).abs() < 1e-12,
+            "{}",
+            ece(&probs)
+        );
     }
 }

@@ -1,7 +1,9 @@
-//! PNG plots of an evaluation (plotters): acceptance by position per domain, the confidence
-//! reliability diagram, and the threshold sweep. Text is drawn with a TrueType font read at
-//! run time (DejaVu Sans by default, `DEEPSPEC_FONT` to override).
+//! PNG plots of an evaluation (plotters): acceptance by position per domain, the reliability
+//! of the confidence head's prefix survival per position, and the threshold sweep. Text is
+//! drawn with a TrueType font read at run time (DejaVu Sans by default, `DEEPSPEC_FONT` to
+//! override).
 
+use crate::calibration::PositionCalibration;
 use crate::datasets::Domain;
 use crate::metrics::SweepPoint;
 use anyhow::{anyhow, Context};
@@ -101,57 +103,72 @@ pub fn acceptance_by_position(
     draw().map_err(|e| anyhow!("drawing {}: {e}", path.display()))
 }
 
-/// Reliability diagram: accuracy against mean confidence per bin, before and after STS.
-pub fn reliability(
-    path: &Path,
-    before: &[(f64, f64, usize)],
-    after: &[(f64, f64, usize)],
-) -> anyhow::Result<()> {
+/// Reliability of prefix survival, one panel per draft position: observed prefix acceptance
+/// against predicted `Π σ(z_i / τ_i)` per bin, raw and after STS, on the measured rounds.
+pub fn reliability(path: &Path, positions: &[PositionCalibration]) -> anyhow::Result<()> {
     register_font()?;
+    const PANEL: u32 = 300;
+    let cols = positions.len().clamp(1, 4);
+    let rows = positions.len().div_ceil(cols).max(1);
     let draw = || -> DrawResult {
-        let root = BitMapBackend::new(path, (600, 600)).into_drawing_area();
+        let root = BitMapBackend::new(path, (PANEL * cols as u32, PANEL * rows as u32 + 40))
+            .into_drawing_area();
         root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("Confidence reliability", ("sans-serif", 22))
-            .margin(15)
-            .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d(0f64..1f64, 0f64..1f64)?;
-        chart
-            .configure_mesh()
-            .x_desc("predicted confidence")
-            .y_desc("observed acceptance")
-            .draw()?;
-        chart
-            .draw_series(LineSeries::new(
+        let (title, grid) = root.split_vertically(40);
+        title.titled(
+            "Prefix survival reliability (raw vs after STS)",
+            ("sans-serif", 22),
+        )?;
+        for (panel, p) in grid.split_evenly((rows, cols)).iter().zip(positions) {
+            let caption = format!(
+                "position {}: ECE {:.3} -> {:.3} (τ {:.2})",
+                p.position, p.ece_before, p.ece_after, p.temperature
+            );
+            let mut chart = ChartBuilder::on(panel)
+                .caption(caption, ("sans-serif", 13))
+                .margin(8)
+                .x_label_area_size(30)
+                .y_label_area_size(35)
+                .build_cartesian_2d(0f64..1f64, 0f64..1f64)?;
+            chart
+                .configure_mesh()
+                .x_labels(5)
+                .y_labels(5)
+                .x_desc("predicted")
+                .y_desc("observed")
+                .draw()?;
+            chart.draw_series(LineSeries::new(
                 vec![(0.0, 0.0), (1.0, 1.0)],
                 BLACK.mix(0.4),
-            ))?
-            .label("perfect")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.4)));
-        for (i, (name, bins)) in [("raw", before), ("after STS", after)]
+            ))?;
+            for (i, (name, bins)) in [
+                ("raw", &p.reliability_before),
+                ("after STS", &p.reliability_after),
+            ]
             .into_iter()
             .enumerate()
-        {
-            let c = colour(i);
-            let pts: Vec<(f64, f64)> = bins
-                .iter()
-                .filter(|b| b.2 > 0)
-                .map(|b| (b.0, b.1))
-                .collect();
+            {
+                let c = colour(i);
+                let pts: Vec<(f64, f64)> = bins
+                    .iter()
+                    .map(|b| (b.mean_prediction, b.observed))
+                    .collect();
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+                    .label(name)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 15, y)], c.stroke_width(2))
+                    });
+                chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, c.filled())))?;
+            }
             chart
-                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
-                .label(name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                });
-            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, c.filled())))?;
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .label_font(("sans-serif", 11))
+                .border_style(BLACK)
+                .background_style(WHITE)
+                .draw()?;
         }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE)
-            .draw()?;
         root.present()?;
         Ok(())
     };

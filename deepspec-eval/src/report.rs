@@ -1,6 +1,7 @@
 //! The evaluation report: JSON (documented in docs/eval-report.md), a Markdown table, and
 //! the regression gate against a baseline report.
 
+use crate::calibration::Calibration;
 use crate::datasets::{Domain, SETS};
 use crate::metrics::{AcceptanceStats, SweepPoint};
 use anyhow::Context;
@@ -36,15 +37,12 @@ impl SetReport {
     }
 }
 
+/// The confidence head's prefix survival before and after Sequential Temperature Scaling,
+/// and the threshold sweep.
 #[derive(Debug, Clone, Serialize)]
 pub struct CalibrationReport {
-    pub points: usize,
-    pub ece: f64,
-    pub roc_auc: Option<f64>,
-    /// With Sequential Temperature Scaling fitted on the held-out half.
-    pub sts_temperatures: Vec<f64>,
-    pub ece_after: f64,
-    pub roc_auc_after: Option<f64>,
+    #[serde(flatten)]
+    pub prefix_survival: Calibration,
     pub threshold_sweep: Vec<SweepPoint>,
 }
 

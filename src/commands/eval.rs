@@ -9,12 +9,10 @@ use deepspec_core::io::chat::ChatTemplate;
 use deepspec_core::io::lock::{lock_folder, FolderLock};
 use deepspec_core::model::load_target;
 use deepspec_core::recipe::Recipe;
+use deepspec_eval::calibration::{calibrate, confidence_rounds};
 use deepspec_eval::datasets::{load_sets, Domain, Lookup};
 use deepspec_eval::engine::DecodeTrace;
-use deepspec_eval::metrics::{
-    calibrated, confidence_points, ece, fit_sts, reliability, roc_auc, sigmoid, threshold_sweep,
-    AcceptanceStats,
-};
+use deepspec_eval::metrics::{threshold_sweep, AcceptanceStats};
 use deepspec_eval::plan::{EvalChoices, EvalPlan};
 use deepspec_eval::report::{regression_gate, CalibrationReport, Report, SetReport};
 use deepspec_eval::runner::run_set;
@@ -67,8 +65,8 @@ pub struct EvalArgs {
     /// Write PNG plots into this folder.
     #[arg(long)]
     pub plots: Option<PathBuf>,
-    /// Fit Sequential Temperature Scaling on half the confidence points and write
-    /// `calibration.json` beside the drafter.
+    /// Write the Sequential Temperature Scaling temperatures (fitted on half the rounds, as
+    /// the report's) to `calibration.json` beside the drafter.
     #[arg(long)]
     pub calibrate: bool,
     /// Compare with this report; exit non-zero when τ falls by more than --tolerance.
@@ -242,36 +240,20 @@ impl OnBackend for EvalArgs {
         report.aggregate();
 
         let traces: Vec<&DecodeTrace> = all_traces.iter().map(|(_, t)| t).collect();
-        let points: Vec<_> = traces.iter().flat_map(|t| confidence_points(t)).collect();
-        let mut reliability_bins = None;
-        if !points.is_empty() {
-            // Fit on even-indexed points, measure on the odd ones (held out).
-            let fit: Vec<_> = points.iter().step_by(2).copied().collect();
-            let held: Vec<_> = points.iter().skip(1).step_by(2).copied().collect();
-            let slots = config.block_size;
-            let temperatures = fit_sts(&fit, slots);
-            let raw: Vec<(f64, bool)> = held
-                .iter()
-                .map(|p| (sigmoid(p.logit), p.accepted))
-                .collect();
-            let after = calibrated(&held, &temperatures);
-            reliability_bins = Some((reliability(&raw, 10), reliability(&after, 10)));
-            report.calibration = Some(CalibrationReport {
-                points: points.len(),
-                ece: ece(&raw),
-                roc_auc: roc_auc(&raw),
-                sts_temperatures: temperatures.clone(),
-                ece_after: ece(&after),
-                roc_auc_after: roc_auc(&after),
-                threshold_sweep: threshold_sweep(&traces, &plan.sweep_thresholds),
-            });
+        let rounds: Vec<_> = traces.iter().flat_map(|t| confidence_rounds(t)).collect();
+        if !rounds.is_empty() {
+            let prefix_survival = calibrate(&rounds, config.block_size);
             if self.calibrate {
                 let path = self.drafter.join("calibration.json");
-                let body = serde_json::json!({"method": "sequential_temperature_scaling", "temperatures": temperatures});
-                let text = serde_json::to_string_pretty(&body)? + "\n";
+                let text =
+                    serde_json::to_string_pretty(&prefix_survival.temperatures_file())? + "\n";
                 deepspec_core::io::atomic::write_atomically(&path, text.as_bytes())?;
                 eprintln!("wrote {}", path.display());
             }
+            report.calibration = Some(CalibrationReport {
+                prefix_survival,
+                threshold_sweep: threshold_sweep(&traces, &plan.sweep_thresholds),
+            });
         } else if self.calibrate {
             bail!(
                 "--calibrate needs a drafter with a confidence head (this is {})",
@@ -281,13 +263,17 @@ impl OnBackend for EvalArgs {
         report.write(&self.report)?;
         println!("{}", report.markdown());
         if let Some(c) = &report.calibration {
+            let c = &c.prefix_survival;
             println!(
-                "confidence: ECE {:.4} -> {:.4} after STS, ROC-AUC {} -> {}",
-                c.ece,
-                c.ece_after,
-                c.roc_auc.map_or("n/a".into(), |a| format!("{a:.4}")),
-                c.roc_auc_after.map_or("n/a".into(), |a| format!("{a:.4}"))
+                "confidence prefix survival by position (ECE over {} bins; STS fitted on {} rounds, measured on the other {}):\n{}",
+                c.ece_bins,
+                c.fit_rounds,
+                c.measured_rounds,
+                c.markdown()
             );
+            for note in &c.sts_notes {
+                println!("STS: {note}");
+            }
         }
         eprintln!("report: {}", self.report.display());
         if let Some(dir) = &self.plots {
@@ -300,8 +286,11 @@ impl OnBackend for EvalArgs {
                 &dir.join("acceptance_by_position.png"),
                 &per_domain,
             )?;
-            if let (Some((before, after)), Some(c)) = (&reliability_bins, &report.calibration) {
-                deepspec_eval::plots::reliability(&dir.join("reliability.png"), before, after)?;
+            if let Some(c) = &report.calibration {
+                deepspec_eval::plots::reliability(
+                    &dir.join("reliability.png"),
+                    &c.prefix_survival.positions,
+                )?;
                 deepspec_eval::plots::threshold_sweep(
                     &dir.join("threshold_sweep.png"),
                     &c.threshold_sweep,
