@@ -105,7 +105,10 @@ fn report_schema_plots_and_missing_sets() {
             + calibration["measured_rounds"].as_u64().unwrap(),
         rounds
     );
-    assert_eq!(calibration["sts_temperatures"], serde_json::json!([1.0; 7]));
+    assert_eq!(
+        calibration["sts_temperatures"],
+        serde_json::json!(vec![1.0; 7])
+    );
     let notes = calibration["sts_notes"].as_array().unwrap();
     assert_eq!(notes.len(), 7, "{notes:?}");
     assert!(
@@ -121,7 +124,10 @@ fn report_schema_plots_and_missing_sets() {
     assert_eq!(positions[0]["position"], 1);
     assert_eq!(positions[0]["ece_before"], positions[0]["ece_after"]);
     assert!(positions[0]["rounds"].as_u64().unwrap() > 0);
-    assert!(positions[0]["reliability_before"].as_array().unwrap().len() > 0);
+    assert!(!positions[0]["reliability_before"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     assert_eq!(calibration["threshold_sweep"].as_array().unwrap().len(), 21);
     for png in [
         "acceptance_by_position.png",
@@ -280,11 +286,12 @@ fn a_deleted_step_and_a_busy_report_are_clear() {
     std::os::unix::fs::symlink("step_300", run_dir.join("step_latest")).unwrap();
     let sets = datasets(dir.path());
     let report = dir.path().join("r.json");
+    let target = golden.join("target");
     let eval_with = |drafter: &Path, extra: &[&str]| {
         let mut args = vec![
             "eval",
             "--target",
-            golden.join("target").to_str().unwrap(),
+            target.to_str().unwrap(),
             "--drafter",
             drafter.to_str().unwrap(),
             "--datasets",
@@ -448,7 +455,7 @@ fn calibrate_writes_the_temperatures_beside_the_drafter() {
             .unwrap();
     assert_eq!(written["method"], "sequential_temperature_scaling");
     assert_eq!(written["predicts"], "prefix_survival");
-    assert_eq!(written["temperatures"], serde_json::json!([1.0; 7]));
+    assert_eq!(written["temperatures"], serde_json::json!(vec![1.0; 7]));
     assert_eq!(written["ece_bins"], 20);
     assert_eq!(written["notes"].as_array().unwrap().len(), 7);
     let report: serde_json::Value =
@@ -457,4 +464,85 @@ fn calibrate_writes_the_temperatures_beside_the_drafter() {
         written["temperatures"],
         report["calibration"]["sts_temperatures"]
     );
+}
+
+/// A team's own prompts: any `NAME.jsonl` in `--datasets` and a `--prompts FILE` are
+/// evaluated as custom sets, under their names, with the domain `--domain` gives or
+/// `custom`; with stderr captured, each set prints a status line with turns, tokens/s, τ,
+/// elapsed time and ETA.
+#[test]
+fn own_prompt_sets_are_evaluated_with_their_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = datasets(dir.path());
+    std::fs::write(
+        sets.join("aime24.jsonl"),
+        "{\"turns\": [\"<t12> <t40> <t7>\"]}\n{\"turns\": [\"<t3>\"]}\n",
+    )
+    .unwrap();
+    let traffic = dir.path().join("traffic.jsonl");
+    std::fs::write(&traffic, "{\"turns\": [\"<t99> <t100>\"]}\n").unwrap();
+    let golden = golden_dir();
+    let report = dir.path().join("r.json");
+    let (target, drafter) = (golden.join("target"), golden.join("dflash"));
+    let run = |sets_flag: &str, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--target",
+            target.to_str().unwrap(),
+            "--drafter",
+            drafter.to_str().unwrap(),
+            "--datasets",
+            sets.to_str().unwrap(),
+            "--sets",
+            sets_flag,
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--report",
+            report.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        deepspec(&args)
+    };
+    let out = run(
+        "aime24,gsm8k",
+        &[
+            "--prompts",
+            traffic.to_str().unwrap(),
+            "--domain",
+            "aime24=math",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["sets"]["aime24"]["domain"], "math");
+    assert_eq!(r["sets"]["aime24"]["samples"], 1);
+    assert_eq!(r["sets"]["traffic"]["domain"], "custom");
+    assert_eq!(r["sets"]["gsm8k"]["domain"], "math");
+    assert!(r["domain_tau"]["custom"].as_f64().unwrap() >= 1.0);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("| aime24 |") && table.contains("| traffic |"),
+        "{table}"
+    );
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("aime24 turns=1/1 "))
+        .unwrap_or_else(|| panic!("no progress line for aime24:\n{stderr}"));
+    for field in ["tokens=", "tok/s=", "tau=", "elapsed=", "eta=0s"] {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+    let e = String::from_utf8_lossy(&run("aime24,lbpp", &[]).stderr).into_owned();
+    assert!(
+        e.contains("unknown set `lbpp`") && e.contains("lbpp.jsonl does not exist"),
+        "{e}"
+    );
+    let e =
+        String::from_utf8_lossy(&run("aime24", &["--domain", "aime24=poetry"]).stderr).into_owned();
+    assert!(e.contains("`poetry` is not a domain"), "{e}");
 }

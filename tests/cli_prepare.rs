@@ -547,3 +547,51 @@ fn a_second_run_on_the_same_cache_is_refused_while_the_first_writes() {
         );
     }
 }
+
+/// Run with stderr captured (not a terminal), prepare prints a status line per batch and
+/// says how many prompts it dropped for each reason: here one prompt longer than
+/// `data.max_length`.
+#[test]
+fn prepare_in_a_log_prints_progress_lines_and_why_prompts_were_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = golden_recipe(tmp.path(), "");
+    let prompts = tmp.path().join("prompts.jsonl");
+    let long = vec!["<t5>"; 200].join(" ");
+    std::fs::write(
+        &prompts,
+        format!(
+            "{{\"turns\": [\"<t1> <t7>\"]}}\n{{\"turns\": [\"{long}\"]}}\n{{\"turns\": [\"<t2>\"]}}\n{{\"turns\": [\"<t3> <t4>\"]}}\n"
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("cache");
+    let result = run(deepspec()
+        .args(["prepare", "--recipe"])
+        .arg(&r)
+        .arg("--prompts")
+        .arg(&prompts)
+        .arg("--out")
+        .arg(&out));
+    let stderr = ok(&result);
+    let last = stderr
+        .lines()
+        .rfind(|l| l.starts_with("prepare prompts="))
+        .unwrap_or_else(|| panic!("no progress line:\n{stderr}"));
+    for field in [
+        "prompts=4/4 ",
+        "generate_tok/s=",
+        "target_pass_tok/s=",
+        "elapsed=",
+        "eta=0s",
+    ] {
+        assert!(last.contains(field), "{field} missing in {last}");
+    }
+    assert!(
+        stderr.contains(
+            "dropped 1 of 4 prompts: 1 too long (over data.max_length = 128 tokens), \
+             0 too few loss tokens (under data.min_loss_tokens = 2), 0 empty answer"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains(": 3 samples"), "{stderr}");
+}

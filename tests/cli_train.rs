@@ -341,3 +341,27 @@ fn recipe_names_resolve_and_errors_stay_readable_with_rust_backtrace() {
         "{e}"
     );
 }
+
+/// With stderr captured (a Slurm or CI log, not a terminal) every logging step prints one
+/// line with the step, loss, draft tokens/s, elapsed time and ETA; the bar would print
+/// nothing.
+#[test]
+fn training_in_a_log_prints_a_line_per_logging_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (recipe, cache) = setup(dir.path());
+    let out = dir.path().join("run");
+    let result = train(&recipe, &cache, &out, &["--set", "train.max_train_steps=4"]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("train step="))
+        .collect();
+    assert_eq!(lines.len(), 2, "logging every 2 of 4 steps:\n{stderr}");
+    for (line, step) in lines.iter().zip(["step=2/4 ", "step=4/4 "]) {
+        for field in [step, "loss=", "draft_tok/s=", "elapsed=", "eta="] {
+            assert!(line.contains(field), "{field} missing in {line}");
+        }
+    }
+    assert!(lines[1].ends_with("eta=0s"), "{}", lines[1]);
+}

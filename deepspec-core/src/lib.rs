@@ -14,6 +14,7 @@ pub mod io;
 pub mod layers;
 pub mod model;
 pub mod prepare;
+pub mod progress;
 pub mod recipe;
 pub mod sampling;
 

@@ -4,7 +4,7 @@
 //! [`EvalPlan::decode_params`] finishes the engine's parameters once the target's tokenizer
 //! and the drafter's config are loaded.
 
-use crate::datasets::{domain_of, Selection, SETS};
+use crate::datasets::{domain_of, reference_names, Domain, Selection, SetSpec, SETS};
 use crate::engine::DecodeParams;
 use deepspec_core::drafter::DrafterConfig;
 use deepspec_core::generate::{stop_ids, StopTokenError};
@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 pub enum EvalPlanError {
     #[error("name the target with --recipe (its [model] target_model_name_or_path) or --target")]
     NoTarget,
+    #[error("name the prompts to decode with --datasets DIR (its sets, or those --sets names) or --prompts FILE")]
+    NoPrompts,
     #[error("{source_name}: {detail}")]
     Invalid { source_name: String, detail: String },
     #[error("{recipe}: {source}")]
@@ -35,8 +37,14 @@ pub enum EvalPlanError {
 pub struct EvalChoices {
     /// `--target`, else the recipe's `model.target_model_name_or_path`.
     pub target: Option<PathBuf>,
-    /// Empty: all nine sets.
+    /// `--datasets`: the folder of `NAME.jsonl` files `sets` names.
+    pub datasets: Option<PathBuf>,
+    /// Set names in `datasets`; empty: all nine reference sets.
     pub sets: Vec<String>,
+    /// `--prompts`: one more set, named by the file's stem.
+    pub prompts: Option<PathBuf>,
+    /// `--domain NAME=DOMAIN`: custom sets' domains (others are `custom`).
+    pub domains: Vec<(String, Domain)>,
     pub limit: Option<usize>,
     pub temperature: Option<f32>,
     pub max_new_tokens: Option<usize>,
@@ -52,8 +60,9 @@ pub struct EvalPlan {
     pub target: PathBuf,
     /// The recipe the plan was made from, for error messages.
     pub recipe_path: Option<PathBuf>,
-    /// Set names, checked against the nine known ones, in the order given.
-    pub sets: Vec<String>,
+    /// The sets, in the order given: reference sets (possibly missing, then reported as
+    /// such) and custom sets whose files exist.
+    pub sets: Vec<SetSpec>,
     /// At most this many prompts per set (see [`EvalPlan::selection`]).
     pub limit: Option<usize>,
     /// 0 = greedy.
@@ -70,6 +79,119 @@ pub struct EvalPlan {
     pub sweep_thresholds: Vec<f64>,
 }
 
+/// The sets `--datasets`/`--sets` and `--prompts` name, with the domains `--domain` gives.
+fn plan_sets(choices: &EvalChoices) -> Result<Vec<SetSpec>, EvalPlanError> {
+    let invalid = |flag: &str, detail: String| EvalPlanError::Invalid {
+        source_name: flag.to_string(),
+        detail,
+    };
+    let domain_for = |name: &str| {
+        choices
+            .domains
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|&(_, d)| d)
+    };
+    let mut sets = Vec::new();
+    match &choices.datasets {
+        Some(dir) => {
+            let names: Vec<String> = if choices.sets.is_empty() {
+                SETS.iter().map(|(n, _)| n.to_string()).collect()
+            } else {
+                choices.sets.clone()
+            };
+            for name in names {
+                let spec = SetSpec::in_dir(dir, &name, domain_for(&name));
+                if !spec.is_reference() && !spec.path.exists() {
+                    return Err(invalid(
+                        "--sets",
+                        format!(
+                            "unknown set `{name}`: {} does not exist (reference sets: {}; any NAME.jsonl in --datasets is evaluated as a custom set)",
+                            spec.path.display(),
+                            reference_names()
+                        ),
+                    ));
+                }
+                sets.push(spec);
+            }
+        }
+        None if !choices.sets.is_empty() => {
+            return Err(invalid(
+                "--sets",
+                "names files of --datasets DIR, which is not given (a single file: --prompts FILE)"
+                    .into(),
+            ))
+        }
+        None => {}
+    }
+    if let Some(file) = &choices.prompts {
+        let name = file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                invalid(
+                    "--prompts",
+                    format!(
+                        "{}: the file's name names the set; give it one",
+                        file.display()
+                    ),
+                )
+            })?
+            .to_string();
+        if !file.is_file() {
+            return Err(invalid(
+                "--prompts",
+                format!("{} does not exist", file.display()),
+            ));
+        }
+        if sets.iter().any(|s| s.name == name) {
+            return Err(invalid(
+                "--prompts",
+                format!(
+                    "{}: a set named `{name}` already comes from --datasets; rename the file or leave `{name}` out of --sets",
+                    file.display()
+                ),
+            ));
+        }
+        sets.push(SetSpec {
+            domain: domain_of(&name)
+                .or(domain_for(&name))
+                .unwrap_or(Domain::Custom),
+            name,
+            path: file.clone(),
+        });
+    }
+    if sets.is_empty() {
+        return Err(EvalPlanError::NoPrompts);
+    }
+    for (name, _) in &choices.domains {
+        if let Some(domain) = domain_of(name) {
+            return Err(invalid(
+                "--domain",
+                format!(
+                    "`{name}` is a reference set (domain {}); --domain gives a custom set's domain",
+                    domain.name()
+                ),
+            ));
+        }
+        if !sets.iter().any(|s| &s.name == name) {
+            return Err(invalid(
+                "--domain",
+                format!(
+                    "no set `{name}` is evaluated (sets: {})",
+                    sets.iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(sets)
+}
+
 impl EvalPlan {
     /// `recipe` is the recipe and its path, when one was given.
     pub fn from_recipe(
@@ -77,7 +199,7 @@ impl EvalPlan {
         choices: EvalChoices,
     ) -> Result<EvalPlan, EvalPlanError> {
         let defaults = recipe.map(|(_, r)| r.eval.clone()).unwrap_or_default();
-        let target = match (choices.target, recipe) {
+        let target = match (choices.target.clone(), recipe) {
             (Some(t), _) => t,
             (None, Some((_, r))) => r.model.target_model_name_or_path.clone(),
             (None, None) => return Err(EvalPlanError::NoTarget),
@@ -103,11 +225,7 @@ impl EvalPlan {
         let plan = EvalPlan {
             target,
             recipe_path: recipe.map(|(p, _)| p.to_path_buf()),
-            sets: if choices.sets.is_empty() {
-                SETS.iter().map(|(n, _)| n.to_string()).collect()
-            } else {
-                choices.sets.clone()
-            },
+            sets: plan_sets(&choices)?,
             limit: choices.limit,
             temperature: choices.temperature.unwrap_or(temperature),
             max_new_tokens: choices.max_new_tokens.unwrap_or(max_new_tokens),
@@ -119,15 +237,6 @@ impl EvalPlan {
                 .unwrap_or_default(),
             sweep_thresholds: (0..=20).map(|i| i as f64 / 20.0).collect(),
         };
-        if let Some(unknown) = plan.sets.iter().find(|s| domain_of(s).is_none()) {
-            return Err(invalid(
-                "--sets".into(),
-                format!(
-                    "unknown set `{unknown}` (known: {})",
-                    SETS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-                ),
-            ));
-        }
         if !(plan.temperature.is_finite() && plan.temperature >= 0.0) {
             return Err(invalid(
                 from(
@@ -218,6 +327,7 @@ mod tests {
             Some((Path::new("r.toml"), &r)),
             EvalChoices {
                 max_new_tokens: Some(8),
+                datasets: Some("sets".into()),
                 sets: vec!["gsm8k".into()],
                 ..Default::default()
             },
@@ -228,7 +338,14 @@ mod tests {
         assert_eq!(plan.max_new_tokens, 8);
         assert_eq!(plan.seed, 980406);
         assert_eq!(plan.selection().seed, 980406);
-        assert_eq!(plan.sets, vec!["gsm8k".to_string()]);
+        assert_eq!(
+            plan.sets,
+            [SetSpec {
+                name: "gsm8k".into(),
+                path: Path::new("sets").join("gsm8k.jsonl"),
+                domain: Domain::Math,
+            }]
+        );
         assert_eq!(plan.batch_size, 1);
         assert_eq!(plan.sweep_thresholds.len(), 21);
     }
@@ -243,6 +360,7 @@ mod tests {
             None,
             EvalChoices {
                 target: Some("m.gguf".into()),
+                datasets: Some("sets".into()),
                 ..Default::default()
             },
         )
@@ -260,10 +378,14 @@ mod tests {
                 .to_string()
         };
         let err = with(EvalChoices {
+            datasets: Some("no-such-dir".into()),
             sets: vec!["gsm9k".into()],
             ..Default::default()
         });
-        assert!(err.contains("--sets") && err.contains("gsm9k"), "{err}");
+        assert!(
+            err.contains("--sets") && err.contains("unknown set `gsm9k`") && err.contains("gsm8k"),
+            "{err}"
+        );
         let err = with(EvalChoices {
             temperature: Some(-1.0),
             ..Default::default()
@@ -280,6 +402,112 @@ mod tests {
         assert!(
             err.contains("r.toml") && err.contains("eval.confidence_threshold"),
             "{err}"
+        );
+    }
+
+    /// Any `NAME.jsonl` in `--datasets` and a `--prompts FILE` are custom sets, with the
+    /// domain `--domain` gives or `custom`; reference sets keep theirs.
+    #[test]
+    fn custom_sets_from_the_folder_and_a_prompts_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["aime24", "lbpp", "traffic"] {
+            std::fs::write(
+                dir.path().join(format!("{name}.jsonl")),
+                "{\"turns\": [\"q\"]}\n",
+            )
+            .unwrap();
+        }
+        let file = dir.path().join("traffic.jsonl");
+        let choose = |choices: EvalChoices| {
+            EvalPlan::from_recipe(
+                None,
+                EvalChoices {
+                    target: Some("m.gguf".into()),
+                    ..choices
+                },
+            )
+        };
+        let plan = choose(EvalChoices {
+            datasets: Some(dir.path().into()),
+            sets: vec!["aime24".into(), "lbpp".into(), "gsm8k".into()],
+            domains: vec![("lbpp".into(), Domain::Code)],
+            ..Default::default()
+        })
+        .unwrap();
+        let got: Vec<(&str, Domain)> = plan
+            .sets
+            .iter()
+            .map(|s| (s.name.as_str(), s.domain))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("aime24", Domain::Custom),
+                ("lbpp", Domain::Code),
+                ("gsm8k", Domain::Math)
+            ]
+        );
+        let plan = choose(EvalChoices {
+            prompts: Some(file.clone()),
+            domains: vec![("traffic".into(), Domain::Chat)],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            plan.sets,
+            [SetSpec {
+                name: "traffic".into(),
+                path: file.clone(),
+                domain: Domain::Chat
+            }]
+        );
+        let err = |choices: EvalChoices| choose(choices).unwrap_err().to_string();
+        let e = err(EvalChoices {
+            datasets: Some(dir.path().into()),
+            sets: vec!["aime24".into()],
+            domains: vec![("gsm8k".into(), Domain::Code)],
+            ..Default::default()
+        });
+        assert!(
+            e.contains("--domain") && e.contains("`gsm8k` is a reference set"),
+            "{e}"
+        );
+        let e = err(EvalChoices {
+            prompts: Some(file.clone()),
+            domains: vec![("lbpp".into(), Domain::Code)],
+            ..Default::default()
+        });
+        assert!(
+            e.contains("--domain") && e.contains("no set `lbpp`") && e.contains("traffic"),
+            "{e}"
+        );
+        let e = err(EvalChoices {
+            sets: vec!["aime24".into()],
+            ..Default::default()
+        });
+        assert!(e.contains("--sets") && e.contains("--datasets"), "{e}");
+        let e = err(EvalChoices::default());
+        assert!(
+            e.contains("--datasets DIR") && e.contains("--prompts FILE"),
+            "{e}"
+        );
+        let e = err(EvalChoices {
+            prompts: Some(dir.path().join("nope.jsonl")),
+            ..Default::default()
+        });
+        assert!(
+            e.contains("--prompts") && e.contains("nope.jsonl does not exist"),
+            "{e}"
+        );
+        let e = err(EvalChoices {
+            datasets: Some(dir.path().into()),
+            sets: vec!["traffic".into()],
+            prompts: Some(file),
+            ..Default::default()
+        });
+        assert!(
+            e.contains("a set named `traffic` already comes from --datasets"),
+            "{e}"
         );
     }
 }

@@ -94,7 +94,13 @@ impl Report {
     /// The table printed after a run.
     pub fn markdown(&self) -> String {
         let mut out = String::from("| set | domain | samples | rounds | τ | acceptance by position |\n|---|---|---|---|---|---|\n");
-        for (name, _) in SETS {
+        // The reference sets in their order, then custom sets by name.
+        let custom = self
+            .sets
+            .keys()
+            .map(String::as_str)
+            .filter(|n| SETS.iter().all(|(r, _)| r != n));
+        for name in SETS.iter().map(|(n, _)| *n).chain(custom) {
             if let Some(s) = self.sets.get(name) {
                 let acc: Vec<String> = s
                     .conditional_acceptance

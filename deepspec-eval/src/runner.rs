@@ -10,8 +10,8 @@ use deepspec_core::drafter::{Drafter, DrafterConfig};
 use deepspec_core::io::chat::{ChatTemplate, Message};
 use deepspec_core::io::tokenizer::Tok;
 use deepspec_core::model::LoadedTarget;
+use deepspec_core::progress::Progress;
 use deepspec_core::sampling::{Rng, Sampler};
-use indicatif::ProgressBar;
 use std::time::Instant;
 
 pub struct SetRun {
@@ -67,7 +67,8 @@ pub fn proposer<'m, B: Backend>(
 /// Decodes every sample of `dataset`, `batch_size` samples at a time: turn `t` of every
 /// sample in a batch that has one decodes together, then each answer is fed back before turn
 /// `t + 1`. Sample `i` draws from its own generator (`seed`, `i`), so the batch size changes
-/// speed, not results.
+/// speed, not results. `progress` counts turns (a sample's user messages), updated after
+/// every batch with the tokens, tokens/s and τ so far.
 #[allow(clippy::too_many_arguments)]
 pub fn run_set<B: Backend>(
     target: &LoadedTarget<B>,
@@ -78,7 +79,7 @@ pub fn run_set<B: Backend>(
     params: &DecodeParams,
     seed: u64,
     batch_size: usize,
-    progress: &ProgressBar,
+    progress: &Progress,
 ) -> anyhow::Result<SetRun> {
     check_online(drafter)?;
     let started = Instant::now();
@@ -120,16 +121,21 @@ pub fn run_set<B: Backend>(
             for (&r, trace) in rows.iter().zip(decoded) {
                 let answer_ids = &trace.output_ids[trace.prompt_len..];
                 run.generated += answer_ids.len();
-                progress.inc(answer_ids.len() as u64);
                 let answer = target.tokenizer.decode(answer_ids, true)?;
                 messages[r].push(Message::new("assistant", &answer));
+                run.stats.add(&trace);
                 traces[r].push(trace);
             }
+            progress.inc(rows.len() as u64);
+            progress.update(&format!(
+                "tokens={} tok/s={:.1} tau={:.3}",
+                run.generated,
+                run.generated as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                run.stats.tau()
+            ));
         }
-        for trace in traces.into_iter().flatten() {
-            run.stats.add(&trace);
-            run.traces.push(trace);
-        }
+        // Traces in sample order, each sample's turns together.
+        run.traces.extend(traces.into_iter().flatten());
     }
     run.wall_seconds = started.elapsed().as_secs_f64();
     Ok(run)

@@ -20,8 +20,8 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 use deepspec_core::drafter::{BlockDrafter, Drafter, DrafterConfig};
 use deepspec_core::io::lock::lock_folder;
+use deepspec_core::progress::{Progress, ProgressMode};
 use deepspec_core::sampling::Rng;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -50,6 +50,7 @@ pub struct TrainSettings {
     pub tensorboard_dir: Option<PathBuf>,
     /// Stop (as if killed) after this many optimizer steps of this run; for tests of resume.
     pub stop_after: Option<usize>,
+    /// A bar on a terminal and a line per logging step in a log; nothing when false.
     pub show_progress: bool,
 }
 
@@ -234,17 +235,13 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
         Some(dir) => Some(Logger::new(dir)?),
         None => None,
     };
-    let progress = if settings.show_progress {
-        ProgressBar::new(max_steps as u64)
+    let mode = if settings.show_progress {
+        ProgressMode::detect()
     } else {
-        ProgressBar::hidden()
+        ProgressMode::Silent
     };
-    progress.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} eta {eta}")
-            .unwrap()
-            .progress_chars("=> "),
-    );
-    progress.set_position(state.global_step as u64);
+    let progress = Progress::new(mode, "train", max_steps as u64, "step")
+        .starting_at(state.global_step as u64);
 
     let started = Instant::now();
     let (mut tokens, mut predictions) = (0usize, 0usize);
@@ -354,24 +351,15 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
                     first_loss = read.losses[0];
                 }
                 last_loss = *read.losses.last().expect("a step in the window");
-                progress.set_message(format!(
-                    "loss {last_loss:.4} lr {lr:.2e} {:.0} tok/s",
-                    tokens as f64 / elapsed
-                ));
                 if let Some(l) = logger.as_mut() {
                     l.write(state.global_step, &read.values);
                 }
-                let done_steps = state.global_step - steps_at_start;
-                let remaining =
-                    elapsed / done_steps.max(1) as f64 * (max_steps - state.global_step) as f64;
-                progress.println(format!(
-                    "epoch={} step={}/{} loss={:.4} | elapsed={:.1}min | remaining={:.1}min",
+                progress.log(&format!(
+                    "epoch={} loss={:.4} lr={lr:.2e} tok/s={:.0} draft_tok/s={:.0}",
                     state.next_micro_step / (samples_per_epoch / b) + 1,
-                    state.global_step,
-                    max_steps,
                     read.values.get("loss").copied().unwrap_or(f64::NAN),
-                    elapsed / 60.0,
-                    remaining / 60.0
+                    tokens as f64 / elapsed,
+                    predictions as f64 / elapsed,
                 ));
             }
             if checkpoint_due {
@@ -381,7 +369,7 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
         }
         Ok(())
     })?;
-    progress.finish_and_clear();
+    progress.finish();
     // Steps after the last logging step (a run stopped early) still count in the summary.
     let rest = window.losses();
     if let (Some(&first), Some(&last)) = (rest.first(), rest.last()) {

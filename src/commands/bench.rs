@@ -359,6 +359,7 @@ impl OnBackend for EvalBench {
         let plan = EvalPlan::from_recipe(
             Some((&recipe_path, &recipe)),
             EvalChoices {
+                datasets: Some(self.datasets.clone()),
                 sets: vec![self.set.clone()],
                 limit: Some(self.prompts),
                 temperature: Some(self.temperature),

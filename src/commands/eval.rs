@@ -1,5 +1,5 @@
-//! `deepspec eval`: speculative decoding over the benchmark sets, with the report, plots,
-//! confidence calibration and the regression gate.
+//! `deepspec eval`: speculative decoding over the benchmark sets and a user's own prompt
+//! sets, with the report, plots, confidence calibration and the regression gate.
 
 use crate::device::{dispatch, DeviceKind, OnBackend};
 use anyhow::{bail, Context};
@@ -8,6 +8,7 @@ use deepspec_core::drafter::Drafter;
 use deepspec_core::io::chat::ChatTemplate;
 use deepspec_core::io::lock::{lock_folder, FolderLock};
 use deepspec_core::model::load_target;
+use deepspec_core::progress::{Progress, ProgressMode};
 use deepspec_core::recipe::Recipe;
 use deepspec_eval::calibration::{calibrate, confidence_rounds};
 use deepspec_eval::datasets::{load_sets, Domain, Lookup};
@@ -16,7 +17,6 @@ use deepspec_eval::metrics::{threshold_sweep, AcceptanceStats};
 use deepspec_eval::plan::{EvalChoices, EvalPlan};
 use deepspec_eval::report::{regression_gate, CalibrationReport, Report, SetReport};
 use deepspec_eval::runner::run_set;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -31,12 +31,21 @@ pub struct EvalArgs {
     /// Drafter checkpoint folder (config.json + model.safetensors).
     #[arg(long)]
     pub drafter: PathBuf,
-    /// Folder of `<set>.jsonl` files (scripts/fetch-eval-datasets.sh builds it).
-    #[arg(long)]
-    pub datasets: PathBuf,
-    /// Comma-separated sets (default: all nine).
+    /// Folder of `<set>.jsonl` files: the nine reference sets
+    /// (scripts/fetch-eval-datasets.sh builds them) and any of your own.
+    #[arg(long, required_unless_present = "prompts")]
+    pub datasets: Option<PathBuf>,
+    /// Comma-separated sets in --datasets (default: the nine reference sets). Any other
+    /// NAME.jsonl there is a custom set: every row in file order.
     #[arg(long, value_delimiter = ',')]
     pub sets: Vec<String>,
+    /// One more set from this `{"turns": [...]}` JSONL file, named by the file's stem.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// A custom set's domain in the report, `NAME=math|code|chat` (repeatable or
+    /// comma-separated) [default: custom].
+    #[arg(long = "domain", value_name = "NAME=DOMAIN", value_delimiter = ',', value_parser = parse_domain)]
+    pub domains: Vec<(String, Domain)>,
     /// At most this many prompts per set: the first of the reference's selection (sets longer
     /// than their maximum are shuffled with the seed, as the reference does; others in file
     /// order).
@@ -111,6 +120,13 @@ fn lock_outputs(
     Ok(locks)
 }
 
+fn parse_domain(s: &str) -> Result<(String, Domain), String> {
+    let (name, domain) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: write NAME=DOMAIN, e.g. aime24=math"))?;
+    Ok((name.to_string(), domain.parse()?))
+}
+
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let gate = dispatch(args.device, args)?;
     if !gate {
@@ -136,7 +152,10 @@ impl OnBackend for EvalArgs {
             recipe.as_ref().map(|(p, r)| (p.as_path(), r)),
             EvalChoices {
                 target: self.target.clone(),
+                datasets: self.datasets.clone(),
                 sets: self.sets.clone(),
+                prompts: self.prompts.clone(),
+                domains: self.domains.clone(),
                 limit: self.limit,
                 temperature: self.temperature,
                 max_new_tokens: self.max_new_tokens,
@@ -161,7 +180,7 @@ impl OnBackend for EvalArgs {
         config.check_target(&target.config, target_path)?;
         let template = ChatTemplate::for_tokenizer(&target.tokenizer)
             .context("compiling the chat template")?;
-        let sets = load_sets(&self.datasets, &plan.sets, plan.selection())?;
+        let sets = load_sets(&plan.sets, plan.selection())?;
         let params = plan.decode_params(&target.tokenizer, &template, &config)?;
         let mut report = Report {
             macro_tau: 0.0,
@@ -191,15 +210,8 @@ impl OnBackend for EvalArgs {
                 }
             };
             let turns: usize = dataset.samples.iter().map(|s| s.turns.len()).sum();
-            let progress = ProgressBar::new((turns * plan.max_new_tokens) as u64);
-            progress.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>14} [{bar:30}] {pos}/~{len} tokens {per_sec} eta {eta}",
-                )
-                .unwrap()
-                .progress_chars("=> "),
-            );
-            progress.set_prefix(dataset.name.clone());
+            let progress =
+                Progress::new(ProgressMode::detect(), &dataset.name, turns as u64, "turns");
             let run = run_set(
                 &target,
                 &drafter,
@@ -211,7 +223,7 @@ impl OnBackend for EvalArgs {
                 plan.batch_size,
                 &progress,
             )?;
-            progress.finish_and_clear();
+            progress.finish();
             eprintln!(
                 "set {}: τ {:.3} over {} rounds ({} tokens in {:.1}s)",
                 dataset.name,
@@ -235,7 +247,14 @@ impl OnBackend for EvalArgs {
             all_traces.extend(run.traces.into_iter().map(|t| (dataset.domain, t)));
         }
         if report.sets.is_empty() {
-            bail!("no benchmark set found in {}", self.datasets.display());
+            bail!(
+                "no set found: none of {} exists",
+                plan.sets
+                    .iter()
+                    .map(|s| s.path.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         report.aggregate();
 

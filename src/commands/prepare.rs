@@ -4,9 +4,11 @@ use crate::device::{dispatch, DeviceKind, OnBackend};
 use anyhow::Context;
 use burn::tensor::backend::Backend;
 use deepspec_core::cache::HiddenDtype;
-use deepspec_core::prepare::{self, OnBadLine, PrepareOptions, Progress, PromptSource, Throughput};
+use deepspec_core::prepare::{
+    self, Dropped, OnBadLine, PrepareOptions, Progress, PromptSource, Throughput,
+};
+use deepspec_core::progress::{self as shown, ProgressMode};
 use deepspec_core::recipe::Recipe;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::cell::RefCell;
 use std::path::PathBuf;
 
@@ -114,35 +116,23 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
     dispatch(args.device, args)
 }
 
-/// The progress bar: prompts answered and passed through the target, with tokens/s of both
-/// phases and the ETA.
+/// Prompts answered and passed through the target, with tokens/s of both phases and the
+/// ETA: a bar on a terminal, a line per batch (at most one per 10 s) in a log.
 struct Bar {
-    bar: RefCell<Option<ProgressBar>>,
-    quiet: bool,
+    phase: RefCell<Option<shown::Progress>>,
+    mode: ProgressMode,
 }
 
 impl Progress for Bar {
     fn begin(&self, phase: &str, units: u64) {
-        if self.quiet {
-            return;
-        }
-        let bar = ProgressBar::new(units);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>13} [{bar:30}] {pos}/{len} {msg} (elapsed {elapsed}, ETA {eta})",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(phase.to_string());
-        *self.bar.borrow_mut() = Some(bar);
+        *self.phase.borrow_mut() = Some(shown::Progress::new(self.mode, phase, units, "prompts"));
     }
 
     fn advance(&self, units: u64, t: &Throughput) {
-        if let Some(bar) = &*self.bar.borrow() {
-            bar.inc(units);
-            bar.set_message(format!(
-                "generate {:.0} tok/s, target pass {:.0} tok/s",
+        if let Some(phase) = &*self.phase.borrow() {
+            phase.inc(units);
+            phase.update(&format!(
+                "generate_tok/s={:.0} target_pass_tok/s={:.0}",
                 t.generation_rate(),
                 t.target_rate()
             ));
@@ -150,17 +140,31 @@ impl Progress for Bar {
     }
 
     fn warn(&self, message: &str) {
-        match &*self.bar.borrow() {
-            Some(bar) => bar.println(format!("warning: {message}")),
-            None => eprintln!("warning: {message}"),
+        let line = format!("warning: {message}");
+        // Warnings print even with --quiet; above the bar when one is drawn.
+        match &*self.phase.borrow() {
+            Some(phase) if self.mode == ProgressMode::Bar => phase.println(&line),
+            _ => eprintln!("{line}"),
         }
     }
 
     fn finish(&self) {
-        if let Some(bar) = self.bar.borrow_mut().take() {
-            bar.finish();
+        if let Some(phase) = self.phase.borrow_mut().take() {
+            phase.finish();
         }
     }
+}
+
+/// `dropped 7 of 24 prompts: 5 too long (...), 2 too few loss tokens (...), 0 empty answer`.
+fn dropped_line(processed: u64, d: &Dropped, max_length: usize, min_loss_tokens: usize) -> String {
+    format!(
+        "dropped {} of {processed} prompts: {} too long (over data.max_length = {max_length} tokens), \
+         {} too few loss tokens (under data.min_loss_tokens = {min_loss_tokens}), {} empty answer",
+        d.total(),
+        d.too_long,
+        d.too_few_loss_tokens,
+        d.empty_answer
+    )
 }
 
 impl OnBackend for PrepareArgs {
@@ -180,8 +184,12 @@ impl OnBackend for PrepareArgs {
             );
         }
         let bar = Bar {
-            bar: RefCell::new(None),
-            quiet: self.quiet,
+            phase: RefCell::new(None),
+            mode: if self.quiet {
+                ProgressMode::Silent
+            } else {
+                ProgressMode::detect()
+            },
         };
         let report = prepare::prepare::<B>(&opts, &device, &bar)
             .with_context(|| format!("preparing {}", opts.out.display()))?;
@@ -197,6 +205,17 @@ impl OnBackend for PrepareArgs {
             report.shards_written,
             report.shards_kept
         );
+        if report.prompts_processed > 0 {
+            eprintln!(
+                "{}",
+                dropped_line(
+                    report.prompts_processed,
+                    &report.dropped,
+                    opts.recipe.data.max_length,
+                    opts.recipe.data.min_loss_tokens
+                )
+            );
+        }
         if report.shards_written > 0 {
             eprintln!(
                 "generation: {} tokens in {:.1} s ({:.1} tok/s); target pass: {} tokens in {:.1} s ({:.1} tok/s)",

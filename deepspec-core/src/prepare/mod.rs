@@ -67,6 +67,62 @@ impl Progress for Quiet {
     fn finish(&self) {}
 }
 
+/// Why prompts left no sample, counted over the prompts this run processed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    /// The conversation did not fit in `data.max_length` tokens with `data.min_loss_tokens`
+    /// answer tokens (a prompt that long gets no answer at all).
+    pub too_long: u64,
+    /// It fit, but its answers have fewer than `data.min_loss_tokens` tokens.
+    pub too_few_loss_tokens: u64,
+    /// The target answered nothing (it stopped at once).
+    pub empty_answer: u64,
+}
+
+impl Dropped {
+    pub fn total(&self) -> u64 {
+        self.too_long + self.too_few_loss_tokens + self.empty_answer
+    }
+}
+
+/// Why a tokenized conversation is dropped, if it is: `input_tokens` and `loss_tokens` are
+/// its tokens and answer tokens within `max_length`, `truncated` says the whole conversation
+/// is longer than that, `answers_empty` that every answer the target wrote is empty.
+pub fn drop_reason(
+    input_tokens: usize,
+    loss_tokens: usize,
+    min_loss_tokens: usize,
+    truncated: bool,
+    answers_empty: bool,
+) -> Option<DropReason> {
+    if input_tokens > 0 && loss_tokens >= min_loss_tokens {
+        None
+    } else if truncated {
+        Some(DropReason::TooLong)
+    } else if answers_empty {
+        Some(DropReason::EmptyAnswer)
+    } else {
+        Some(DropReason::TooFewLossTokens)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    TooLong,
+    TooFewLossTokens,
+    EmptyAnswer,
+}
+
+impl Dropped {
+    fn count(&mut self, reason: DropReason) {
+        match reason {
+            DropReason::TooLong => self.too_long += 1,
+            DropReason::TooFewLossTokens => self.too_few_loss_tokens += 1,
+            DropReason::EmptyAnswer => self.empty_answer += 1,
+        }
+    }
+}
+
 /// What a run did.
 #[derive(Debug, Clone)]
 pub struct PrepareReport {
@@ -74,6 +130,10 @@ pub struct PrepareReport {
     pub throughput: Throughput,
     pub shards_written: usize,
     pub shards_kept: usize,
+    /// Prompts answered and passed through the target by this run (a resumed run skips
+    /// those its finished shards cover).
+    pub prompts_processed: u64,
+    pub dropped: Dropped,
 }
 
 /// Runs (or resumes) a prepare job on device `device`.
@@ -202,13 +262,14 @@ pub fn prepare<B: Backend>(
     let layout = planned.layout.clone();
     let total = prompts.len() as u64;
     let resume_at = manifest.prompts_covered();
-    progress.begin("prepare", 2 * (total - resume_at));
+    progress.begin("prepare", total - resume_at);
     let per_token = layout
         .hidden_dtype
         .bytes_per_token(layout.hidden_size, layout.target_layer_ids.len())
         as u64;
     let mut open: Option<OpenShard> = None;
     let mut written = 0;
+    let mut dropped = Dropped::default();
     for batch_start in (resume_at..total).step_by(p.batch_size) {
         let batch_end = (batch_start + p.batch_size as u64).min(total);
         let sources: Vec<u64> = (batch_start..batch_end).collect();
@@ -218,7 +279,6 @@ pub fn prepare<B: Backend>(
             answer::answer_batch(&target, &template, batch, &sources, &settings)?;
         throughput.generated_tokens += generated;
         throughput.generation_secs += started.elapsed().as_secs_f64();
-        progress.advance(batch.len() as u64, &throughput);
 
         let mut tokenized = Vec::new();
         let mut kept_sources = Vec::new();
@@ -232,9 +292,30 @@ pub fn prepare<B: Backend>(
             )
             .with_context(|| format!("tokenizing prompt {source}"))?;
             let trained: usize = chat.loss_mask.iter().map(|&m| m as usize).sum();
-            if trained >= recipe.data.min_loss_tokens && !chat.input_ids.is_empty() {
-                tokenized.push(chat);
-                kept_sources.push(source);
+            let kept = !chat.input_ids.is_empty() && trained >= recipe.data.min_loss_tokens;
+            let reason = if kept {
+                None
+            } else {
+                // Only a dropped conversation is tokenized again, whole, to tell why.
+                let truncated = target.tokenizer.encode(&chat.text)?.len() > chat.input_ids.len();
+                let answers_empty = conversation
+                    .iter()
+                    .filter(|m| m.role == "assistant")
+                    .all(|m| m.content.trim().is_empty());
+                drop_reason(
+                    chat.input_ids.len(),
+                    trained,
+                    recipe.data.min_loss_tokens,
+                    truncated,
+                    answers_empty,
+                )
+            };
+            match reason {
+                None => {
+                    tokenized.push(chat);
+                    kept_sources.push(source);
+                }
+                Some(reason) => dropped.count(reason),
             }
         }
         let started = Instant::now();
@@ -289,6 +370,8 @@ pub fn prepare<B: Backend>(
         throughput,
         shards_written: written,
         shards_kept: kept,
+        prompts_processed: total - resume_at,
+        dropped,
     })
 }
 
@@ -370,4 +453,49 @@ fn remove_temporaries(dir: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A prompt too long to answer has an empty answer too: it counts as too long.
+    #[test]
+    fn drop_reasons_in_order_too_long_then_empty_then_too_few() {
+        assert_eq!(drop_reason(100, 5, 2, false, false), None);
+        assert_eq!(
+            drop_reason(128, 0, 2, true, true),
+            Some(DropReason::TooLong)
+        );
+        assert_eq!(
+            drop_reason(128, 1, 2, true, false),
+            Some(DropReason::TooLong)
+        );
+        assert_eq!(
+            drop_reason(20, 1, 2, false, true),
+            Some(DropReason::EmptyAnswer)
+        );
+        assert_eq!(
+            drop_reason(20, 1, 2, false, false),
+            Some(DropReason::TooFewLossTokens)
+        );
+        assert_eq!(drop_reason(0, 0, 0, true, false), Some(DropReason::TooLong));
+        let mut dropped = Dropped::default();
+        for reason in [
+            DropReason::TooLong,
+            DropReason::EmptyAnswer,
+            DropReason::TooLong,
+        ] {
+            dropped.count(reason);
+        }
+        assert_eq!(
+            dropped,
+            Dropped {
+                too_long: 2,
+                too_few_loss_tokens: 0,
+                empty_answer: 1
+            }
+        );
+        assert_eq!(dropped.total(), 3);
+    }
 }
