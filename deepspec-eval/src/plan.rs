@@ -387,6 +387,7 @@ mod tests {
             "{err}"
         );
         let err = with(EvalChoices {
+            datasets: Some("d".into()),
             temperature: Some(-1.0),
             ..Default::default()
         });
@@ -396,9 +397,15 @@ mod tests {
             &format!("{RECIPE}confidence_threshold = 2.0\n"),
         )
         .unwrap();
-        let err = EvalPlan::from_recipe(Some((Path::new("r.toml"), &bad)), EvalChoices::default())
-            .unwrap_err()
-            .to_string();
+        let err = EvalPlan::from_recipe(
+            Some((Path::new("r.toml"), &bad)),
+            EvalChoices {
+                datasets: Some("d".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("r.toml") && err.contains("eval.confidence_threshold"),
             "{err}"
