@@ -30,6 +30,17 @@ impl Rng {
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
+
+    /// `n` draws from N(0, std²) as f32, by Box-Muller (two uniforms per draw).
+    pub fn normal_f32(&mut self, n: usize, std: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let u1 = self.uniform().max(f64::MIN_POSITIVE);
+                let u2 = self.uniform();
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+            })
+            .collect()
+    }
 }
 
 /// Where decoding draws its randomness: a seeded [`Rng`] normally, a replay of recorded

@@ -33,17 +33,8 @@ pub fn write_v4_target(
     let v = config["vocab_size"].as_u64().unwrap_or(0) as usize;
     let d = config["hidden_size"].as_u64().unwrap_or(0) as usize;
     let mut rng = Rng::new(seed);
-    let mut normal = |n: usize, std: f64| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let u1 = rng.uniform().max(f64::MIN_POSITIVE);
-                let u2 = rng.uniform();
-                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
-            })
-            .collect()
-    };
-    let embed = normal(v * d, 1.0);
-    let head = normal(v * d, 1.0 / (d as f64).sqrt());
+    let embed = rng.normal_f32(v * d, 1.0);
+    let head = rng.normal_f32(v * d, 1.0 / (d as f64).sqrt());
     let shape = vec![v, d];
     let tensors = [
         NamedTensor {

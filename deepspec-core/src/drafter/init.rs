@@ -139,16 +139,7 @@ struct InitSource {
 
 impl InitSource {
     fn normal(&self, n: usize) -> Vec<f32> {
-        let mut rng = self.rng.borrow_mut();
-        (0..n)
-            .map(|_| {
-                // Box-Muller.
-                let u1 = rng.uniform().max(f64::MIN_POSITIVE);
-                let u2 = rng.uniform();
-                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * self.std)
-                    as f32
-            })
-            .collect()
+        self.rng.borrow_mut().normal_f32(n, self.std)
     }
 }
 
