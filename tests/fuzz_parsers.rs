@@ -721,3 +721,85 @@ fn fuzz_cache_shard_parquet_metadata() {
         })
     });
 }
+
+/// The GGUF headers the fuzzer found wanting, as fixed cases: each is an error naming what
+/// is wrong, before anything the header claims is allocated.
+#[test]
+fn gguf_header_claims_past_the_file_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        GgufFile::open(&path).err().map(|e| e.to_string())
+    };
+    let good = synthetic_gguf();
+    assert_eq!(open("good.gguf", &good), None);
+    let with = |offset: usize, value: u64, width: usize| {
+        let mut bytes = good.clone();
+        bytes[offset..offset + width].copy_from_slice(&value.to_le_bytes()[..width]);
+        bytes
+    };
+    // 2^40 tensors, 2^60 metadata pairs: counts past the file's length.
+    for (offset, value) in [(8, 1u64 << 40), (16, 1 << 60)] {
+        let err = open("count.gguf", &with(offset, value, 8)).expect("refused");
+        assert!(
+            err.contains("claims") && err.contains("bytes follow"),
+            "{err}"
+        );
+    }
+    // One tensor `x` and no metadata: its info is the name (8 + 1 bytes at 24), the
+    // dimension count at 33, then the dims.
+    let mut b = GgufBuilder::default();
+    b.tensor("x", &[4], 0, vec![0; 16]);
+    let one = b.build();
+    assert_eq!(open("one.gguf", &one), None);
+    let patched = |offset: usize, value: u64, width: usize| {
+        let mut bytes = one.clone();
+        bytes[offset..offset + width].copy_from_slice(&value.to_le_bytes()[..width]);
+        bytes
+    };
+    let err = open("dims.gguf", &patched(33, 1 << 20, 4)).expect("refused");
+    assert!(err.contains("claims 1048576 dimensions"), "{err}");
+    // A 2^60-element tensor: its byte size overflows or passes the data section.
+    let err = open("huge.gguf", &patched(37, 1 << 60, 8)).expect("refused");
+    assert!(err.contains("needs more than"), "{err}");
+    // An alignment of 0 (a division by zero before) names the key.
+    let mut b = GgufBuilder::default();
+    b.u32("general.alignment", 0)
+        .tensor("x", &[1], 0, vec![0; 4]);
+    let err = open("align.gguf", &b.build()).expect("refused");
+    assert!(err.contains("general.alignment"), "{err}");
+    // Arrays nested past any real file's depth.
+    let mut nested = 5u32.to_le_bytes().to_vec();
+    nested.extend(0u64.to_le_bytes());
+    for _ in 0..64 {
+        let mut outer = 9u32.to_le_bytes().to_vec();
+        outer.extend(1u64.to_le_bytes());
+        outer.extend(nested);
+        nested = outer;
+    }
+    let mut b = GgufBuilder::default();
+    b.kv("deep", 9, nested);
+    let err = open("deep.gguf", &b.build()).expect("refused");
+    assert!(err.contains("nest deeper"), "{err}");
+}
+
+/// Zero heads (a division by zero before) is a config error naming the key.
+#[test]
+fn gguf_zero_heads_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = GgufBuilder::default();
+    b.string("general.architecture", "llama")
+        .u32("llama.block_count", 1)
+        .u32("llama.embedding_length", 4)
+        .u32("llama.feed_forward_length", 8)
+        .u32("llama.attention.head_count", 0)
+        .strings("tokenizer.ggml.tokens", &["a"]);
+    let path = dir.path().join("m.gguf");
+    std::fs::write(&path, b.build()).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let err = TargetConfig::from_gguf(&file, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("llama.attention.head_count"), "{err}");
+}

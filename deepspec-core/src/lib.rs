@@ -10,6 +10,7 @@ pub mod drafter;
 pub mod error;
 pub mod fixtures;
 pub mod generate;
+pub mod guard;
 pub mod io;
 pub mod layers;
 pub mod model;

@@ -8,7 +8,7 @@
 //! and a per-input allocation ceiling, and reports a failure with the input in hex.
 //!
 //! Budget: `DEEPSPEC_FUZZ_SECS` seconds (default 3) and at most `DEEPSPEC_FUZZ_CASES` inputs
-//! (default 200000) per target, whichever ends first; `DEEPSPEC_FUZZ_SEED` picks the run
+//! (default 1000000) per target, whichever ends first; `DEEPSPEC_FUZZ_SEED` picks the run
 //! (default fixed, so CI is reproducible).
 
 use proptest::prelude::*;
@@ -418,7 +418,7 @@ pub fn fuzz(
 ) -> FuzzReport {
     assert!(!seeds.is_empty(), "fuzz target {target} has no seeds");
     let secs = env_number("DEEPSPEC_FUZZ_SECS", 3);
-    let cases = env_number("DEEPSPEC_FUZZ_CASES", 200_000).min(u32::MAX as u64) as u32;
+    let cases = env_number("DEEPSPEC_FUZZ_CASES", 1_000_000);
     let seed = env_number("DEEPSPEC_FUZZ_SEED", 0x5eed_dee9);
     let check: Check = Arc::new(check);
     let seeds = Arc::new(seeds);
@@ -428,15 +428,6 @@ pub fn fuzz(
     let peak_bytes = Cell::new(0usize);
     let worker = std::cell::RefCell::new(Worker::start(check.clone()));
 
-    // Every seed as is, first: a parser must take the real files without complaint.
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        rng_seed: RngSeed::Fixed(seed),
-        max_shrink_iters: 256,
-        max_shrink_time: 20_000,
-        ..Config::default()
-    });
     let strategy = (any::<Index>(), proptest::collection::vec(mutation(), 0..6));
     let run_one = |input: Vec<u8>| -> Result<(), TestCaseError> {
         executions.set(executions.get() + 1);
@@ -462,28 +453,46 @@ pub fn fuzz(
             hex(&input)
         )))
     };
+    // Every seed as is, first: a parser must take the real files without complaint.
     for (i, s) in seeds.iter().enumerate() {
         if let Err(e) = run_one(s.bytes.clone()) {
             panic!("fuzz target {target}: seed {i} ({}) fails: {e}", s.name);
         }
     }
-    let result = runner.run(&strategy, |(which, mutations)| {
-        if Instant::now() >= deadline {
-            return Ok(());
+    // Rounds of at most CHUNK cases, each from its own seed, until the deadline or the case
+    // budget: proptest has no deadline of its own, and a round ends within CHUNK inputs.
+    const CHUNK: u64 = 512;
+    let mut round = 0u64;
+    while Instant::now() < deadline && executions.get() < cases {
+        let round_cases = CHUNK.min(cases - executions.get()) as u32;
+        let mut runner = TestRunner::new(Config {
+            cases: round_cases,
+            failure_persistence: None,
+            rng_seed: RngSeed::Fixed(seed.wrapping_add(round)),
+            max_shrink_iters: 256,
+            max_shrink_time: 20_000,
+            ..Config::default()
+        });
+        round += 1;
+        let result = runner.run(&strategy, |(which, mutations)| {
+            if Instant::now() >= deadline {
+                return Ok(());
+            }
+            let which = which.index(seeds.len());
+            run_one(mutate(&seeds, which, &mutations))
+        });
+        if let Err(e) = result {
+            let detail = match e {
+                TestError::Fail(why, (which, mutations)) => format!(
+                    "round {} (DEEPSPEC_FUZZ_SEED={seed}), seed {} ({}), mutations {mutations:?}: {why}",
+                    round - 1,
+                    which.index(seeds.len()),
+                    seeds[which.index(seeds.len())].name
+                ),
+                TestError::Abort(why) => format!("aborted: {why}"),
+            };
+            panic!("fuzz target {target} found a failure: {detail}");
         }
-        let which = which.index(seeds.len());
-        run_one(mutate(&seeds, which, &mutations))
-    });
-    if let Err(e) = result {
-        let detail = match e {
-            TestError::Fail(why, (which, mutations)) => format!(
-                "seed {} ({}), mutations {mutations:?}: {why}",
-                which.index(seeds.len()),
-                seeds[which.index(seeds.len())].name
-            ),
-            TestError::Abort(why) => format!("aborted: {why}"),
-        };
-        panic!("fuzz target {target} found a failure: {detail}");
     }
     let report = FuzzReport {
         executions: executions.get(),

@@ -82,8 +82,10 @@ impl CacheReader {
             match footers.get(&k) {
                 Some(footer) => footer.clone(),
                 None => {
-                    let footer = ArrowReaderMetadata::load(&file, ArrowReaderOptions::default())
-                        .map_err(|e| parquet_err(&path, e))?;
+                    let footer = guarded(&path, || {
+                        ArrowReaderMetadata::load(&file, ArrowReaderOptions::default())
+                    })?
+                    .map_err(|e| parquet_err(&path, e))?;
                     footers.insert(k, footer.clone());
                     footer
                 }
@@ -112,16 +114,31 @@ impl CacheReader {
         for shard in &self.manifest.shards {
             let path = self.shard_path(&shard.file_name);
             let builder = open_builder(&path)?;
-            let mask = ProjectionMask::roots(builder.parquet_schema(), [1]);
-            let reader = builder
-                .with_projection(mask)
-                .build()
-                .map_err(|e| parquet_err(&path, e))?;
-            for batch in reader {
-                let batch = batch.map_err(|e| CacheError::corrupt(&path, format!("arrow: {e}")))?;
-                let list = batch.column(0).as_list::<i32>();
-                lens.extend((0..list.len()).map(|i| list.value_length(i) as usize));
+            let expected = schema::shard_schema(self.manifest.hidden_dtype);
+            if builder.schema().fields().get(1) != expected.fields().get(1) {
+                return Err(CacheError::corrupt(
+                    &path,
+                    format!(
+                        "column 1 is not `{}` as a list of token ids",
+                        schema::INPUT_IDS
+                    ),
+                ));
             }
+            check_column_ranges(&path, builder.metadata())?;
+            let mask = ProjectionMask::roots(builder.parquet_schema(), [1]);
+            guarded(&path, || -> Result<(), CacheError> {
+                let reader = builder
+                    .with_projection(mask)
+                    .build()
+                    .map_err(|e| parquet_err(&path, e))?;
+                for batch in reader {
+                    let batch =
+                        batch.map_err(|e| CacheError::corrupt(&path, format!("arrow: {e}")))?;
+                    let list = batch.column(0).as_list::<i32>();
+                    lens.extend((0..list.len()).map(|i| list.value_length(i) as usize));
+                }
+                Ok(())
+            })??;
         }
         Ok(lens)
     }
@@ -131,9 +148,20 @@ fn parquet_err(path: &Path, e: parquet::errors::ParquetError) -> CacheError {
     CacheError::corrupt(path, format!("not a readable Parquet shard: {e}"))
 }
 
+/// Runs a parquet call that may panic on a damaged shard (see [`crate::guard`]).
+fn guarded<T>(path: &Path, f: impl FnOnce() -> T) -> Result<T, CacheError> {
+    crate::guard::decoder(f).map_err(|panic| {
+        CacheError::corrupt(
+            path,
+            format!("the Parquet decoder gave up on this shard ({panic}); the file is damaged, re-run `deepspec prepare`"),
+        )
+    })
+}
+
 fn open_builder(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>, CacheError> {
     let file = File::open(path).map_err(|e| CacheError::io(path, e))?;
-    ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))
+    guarded(path, || ParquetRecordBatchReaderBuilder::try_new(file))?
+        .map_err(|e| parquet_err(path, e))
 }
 
 /// Reads the rows of `path` (all, or only the given row groups) as samples.
@@ -143,6 +171,40 @@ pub fn read_shard(
     dtype: HiddenDtype,
 ) -> Result<Vec<CacheSample>, CacheError> {
     read_rows(path, open_builder(path)?, row_groups, dtype)
+}
+
+/// Every column chunk the footer describes lies inside the file. The parquet crate asserts
+/// this while reading (a panic, not an error), so a damaged footer is caught here first.
+fn check_column_ranges(
+    path: &Path,
+    metadata: &parquet::file::metadata::ParquetMetaData,
+) -> Result<(), CacheError> {
+    let file_len = std::fs::metadata(path)
+        .map_err(|e| CacheError::io(path, e))?
+        .len();
+    for (g, group) in metadata.row_groups().iter().enumerate() {
+        for column in group.columns() {
+            let start = column
+                .dictionary_page_offset()
+                .unwrap_or_else(|| column.data_page_offset());
+            let len = column.compressed_size();
+            let inside = u64::try_from(start)
+                .ok()
+                .zip(u64::try_from(len).ok())
+                .and_then(|(s, l)| s.checked_add(l))
+                .is_some_and(|end| end <= file_len);
+            if !inside {
+                return Err(CacheError::corrupt(
+                    path,
+                    format!(
+                        "row group {g}, column `{}`: the footer puts its {len} bytes at offset {start}, outside the file's {file_len} bytes (damaged shard; re-run `deepspec prepare`)",
+                        column.column_path()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn read_rows(
@@ -182,13 +244,16 @@ fn read_rows(
         }
         builder = builder.with_row_groups(groups);
     }
-    let reader = builder.build().map_err(|e| parquet_err(path, e))?;
-    let mut samples = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| CacheError::corrupt(path, format!("arrow: {e}")))?;
-        samples.extend(decode_batch(&batch, dtype));
-    }
-    Ok(samples)
+    check_column_ranges(path, builder.metadata())?;
+    guarded(path, || {
+        let reader = builder.build().map_err(|e| parquet_err(path, e))?;
+        let mut samples = Vec::new();
+        for batch in reader {
+            let batch = batch.map_err(|e| CacheError::corrupt(path, format!("arrow: {e}")))?;
+            samples.extend(decode_batch(&batch, dtype));
+        }
+        Ok(samples)
+    })?
 }
 
 fn decode_batch(batch: &RecordBatch, dtype: HiddenDtype) -> Vec<CacheSample> {

@@ -104,6 +104,18 @@ struct TensorEntry {
     offset: usize,
 }
 
+impl TensorEntry {
+    /// Bytes the tensor's data takes, `None` if its claimed dims overflow.
+    fn byte_len(&self, ty: GgmlType) -> Option<usize> {
+        let (per_block, block_bytes) = ty.block();
+        let count = self
+            .dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        (count / per_block).checked_mul(block_bytes)
+    }
+}
+
 /// A memory-mapped GGUF file.
 pub struct GgufFile {
     path: PathBuf,
@@ -113,6 +125,12 @@ pub struct GgufFile {
     tensors: BTreeMap<String, TensorEntry>,
 }
 
+/// How deep metadata arrays may nest (real files use one level; recursion must stay bounded).
+const MAX_ARRAY_DEPTH: usize = 4;
+
+/// ggml's `GGML_MAX_DIMS`.
+const MAX_DIMS: usize = 4;
+
 struct Reader<'a> {
     path: &'a Path,
     bytes: &'a [u8],
@@ -121,7 +139,7 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], LoadError> {
-        if self.pos + n > self.bytes.len() {
+        if n > self.bytes.len() - self.pos {
             return Err(LoadError::corrupt(
                 self.path,
                 format!(
@@ -140,12 +158,28 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, LoadError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
+    /// A length or count read from the header, which can claim any number: past what the
+    /// file can hold it is a truncated or damaged file, and must not size an allocation.
+    fn len(&mut self) -> Result<usize, LoadError> {
+        let at = self.pos;
+        let n = self.u64()?;
+        let left = self.bytes.len() - self.pos;
+        match usize::try_from(n) {
+            Ok(n) if n <= left => Ok(n),
+            _ => Err(LoadError::corrupt(
+                self.path,
+                format!(
+                    "the header claims {n} items or bytes at byte {at} but only {left} bytes follow (truncated or damaged file?)"
+                ),
+            )),
+        }
+    }
     fn string(&mut self) -> Result<String, LoadError> {
-        let len = self.u64()? as usize;
+        let len = self.len()?;
         let bytes = self.take(len)?;
         Ok(String::from_utf8_lossy(bytes).into_owned())
     }
-    fn value(&mut self, type_id: u32) -> Result<Value, LoadError> {
+    fn value(&mut self, type_id: u32, depth: usize) -> Result<Value, LoadError> {
         Ok(match type_id {
             0 => Value::U64(self.take(1)?[0] as u64),
             1 => Value::I64(self.take(1)?[0] as i8 as i64),
@@ -158,10 +192,20 @@ impl<'a> Reader<'a> {
             8 => Value::Str(self.string()?),
             9 => {
                 let item_type = self.u32()?;
-                let n = self.u64()? as usize;
-                let mut items = Vec::with_capacity(n.min(1 << 20));
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(LoadError::corrupt(
+                        self.path,
+                        format!(
+                            "metadata arrays nest deeper than {MAX_ARRAY_DEPTH} at byte {}",
+                            self.pos
+                        ),
+                    ));
+                }
+                // Every item takes at least one byte, so `len` bounds the count by the file.
+                let n = self.len()?;
+                let mut items = Vec::with_capacity(n.min(1 << 16));
                 for _ in 0..n {
-                    items.push(self.value(item_type)?);
+                    items.push(self.value(item_type, depth + 1)?);
                 }
                 Value::Array(items)
             }
@@ -202,25 +246,33 @@ impl GgufFile {
                 format!("GGUF version {version} is not supported (2 or 3)"),
             ));
         }
-        let tensor_count = r.u64()? as usize;
-        let kv_count = r.u64()? as usize;
+        let tensor_count = r.len()?;
+        let kv_count = r.len()?;
         let mut metadata = BTreeMap::new();
         for _ in 0..kv_count {
             let key = r.string()?;
             let type_id = r.u32()?;
-            let value = r.value(type_id)?;
+            let value = r.value(type_id, 0)?;
             metadata.insert(key, value);
         }
         let mut tensors = BTreeMap::new();
         for _ in 0..tensor_count {
             let name = r.string()?;
             let n_dims = r.u32()? as usize;
+            if !(1..=MAX_DIMS).contains(&n_dims) {
+                return Err(LoadError::corrupt(
+                    &path,
+                    format!(
+                        "tensor `{name}` claims {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})"
+                    ),
+                ));
+            }
             let mut dims = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
-                dims.push(r.u64()? as usize);
+                dims.push(usize::try_from(r.u64()?).unwrap_or(usize::MAX));
             }
             let type_id = r.u32()?;
-            let offset = r.u64()? as usize;
+            let offset = usize::try_from(r.u64()?).unwrap_or(usize::MAX);
             tensors.insert(
                 name,
                 TensorEntry {
@@ -230,23 +282,30 @@ impl GgufFile {
                 },
             );
         }
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(Value::as_u64)
-            .unwrap_or(32) as usize;
+        let alignment = match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => match v.as_u64() {
+                Some(a) if a.is_power_of_two() && a <= 1 << 16 => a as usize,
+                _ => {
+                    return Err(LoadError::field(
+                        &path,
+                        "general.alignment",
+                        format!("is {v:?}; GGUF needs a power of two (32 by default)"),
+                    ))
+                }
+            },
+        };
         let data_start = r.pos.div_ceil(alignment) * alignment;
         let data_len = mmap.len().saturating_sub(data_start);
         for (name, entry) in &tensors {
             if let Some(ty) = GgmlType::from_id(entry.type_id) {
-                let (per_block, block_bytes) = ty.block();
-                let count: usize = entry.dims.iter().product();
-                let end = entry.offset + count / per_block * block_bytes;
-                if end > data_len {
+                let end = entry.byte_len(ty).and_then(|n| n.checked_add(entry.offset));
+                if end.is_none_or(|end| end > data_len) {
                     return Err(LoadError::corrupt(
                         &path,
                         format!(
-                            "tensor `{name}` needs bytes {}..{end} of the data section but the file holds only {data_len} (truncated download?)",
-                            entry.offset
+                            "tensor `{name}` ({:?} at offset {}) needs more than the {data_len} bytes of the data section (truncated download?)",
+                            entry.dims, entry.offset
                         ),
                     ));
                 }
@@ -321,8 +380,9 @@ impl GgufFile {
             supported: "F32, F16, BF16, Q8_0, Q4_1 (re-quantize the model with one of these)"
                 .into(),
         })?;
+        // `open` checked that the product and the byte range fit in the file.
         let count: usize = entry.dims.iter().product();
-        let (per_block, block_bytes) = ty.block();
+        let (per_block, _) = ty.block();
         if !count.is_multiple_of(per_block) {
             return Err(LoadError::corrupt(
                 &self.path,
@@ -330,7 +390,7 @@ impl GgufFile {
             ));
         }
         let start = self.data_start + entry.offset;
-        let bytes = &self.mmap[start..start + count / per_block * block_bytes];
+        let bytes = &self.mmap[start..start + entry.byte_len(ty).unwrap_or(0)];
         let data = dequantize_bytes(ty, bytes, count);
         let shape = entry.dims.iter().rev().copied().collect();
         Ok(HostTensor::new(shape, data))
@@ -377,8 +437,21 @@ fn dequantize_bytes(ty: GgmlType, bytes: &[u8], count: usize) -> Vec<f32> {
 /// Undoes the row permutation llama.cpp's converter applies to Llama q/k projections (it
 /// interleaves the two rotary halves of each head so that ggml's "normal" RoPE matches).
 /// deepspec uses the Hugging Face rotate-half RoPE, so the rows go back to HF order.
-fn unpermute_rotary_rows(tensor: HostTensor, n_heads: usize) -> HostTensor {
+fn unpermute_rotary_rows(
+    path: &Path,
+    name: &str,
+    tensor: HostTensor,
+    n_heads: usize,
+) -> Result<HostTensor, LoadError> {
     let rows = tensor.shape[0];
+    if n_heads == 0 || !rows.is_multiple_of(n_heads) {
+        return Err(LoadError::corrupt(
+            path,
+            format!(
+                "`{name}` has {rows} rows, not a multiple of the {n_heads} heads of the metadata"
+            ),
+        ));
+    }
     let cols: usize = tensor.shape[1..].iter().product();
     let head_dim = rows / n_heads;
     let half = head_dim / 2;
@@ -394,7 +467,7 @@ fn unpermute_rotary_rows(tensor: HostTensor, n_heads: usize) -> HostTensor {
             }
         }
     }
-    HostTensor::new(tensor.shape, data)
+    Ok(HostTensor::new(tensor.shape, data))
 }
 
 /// A GGUF file seen through Hugging Face tensor names (Llama architecture).
@@ -535,13 +608,14 @@ impl WeightSource for GgufWeights {
                 hint: self.missing_hint(name),
             })?;
         let tensor = self.file.dequantize(gguf_name)?;
-        Ok(if name.ends_with("self_attn.q_proj.weight") {
-            unpermute_rotary_rows(tensor, self.n_heads)
+        let path = self.file.path();
+        if name.ends_with("self_attn.q_proj.weight") {
+            unpermute_rotary_rows(path, name, tensor, self.n_heads)
         } else if name.ends_with("self_attn.k_proj.weight") {
-            unpermute_rotary_rows(tensor, self.n_kv_heads)
+            unpermute_rotary_rows(path, name, tensor, self.n_kv_heads)
         } else {
-            tensor
-        })
+            Ok(tensor)
+        }
     }
 
     fn names(&self) -> Vec<String> {
@@ -581,7 +655,7 @@ mod tests {
         // One head of dim 4, one column: HF rows [a0, a1, b0, b1] are stored by llama.cpp as
         // [a0, b0, a1, b1].
         let gguf = HostTensor::new(vec![4, 1], vec![0.0, 2.0, 1.0, 3.0]);
-        let hf = unpermute_rotary_rows(gguf, 1);
+        let hf = unpermute_rotary_rows(Path::new("t.gguf"), "q", gguf, 1).unwrap();
         assert_eq!(hf.data, vec![0.0, 1.0, 2.0, 3.0]);
     }
 }

@@ -297,7 +297,11 @@ fn parse_info(path: &Path, name: &str, value: &serde_json::Value) -> Result<Tens
         ),
         _ => return Err(bad("data_offsets must hold two integers")),
     };
-    let expected = (shape.iter().product::<usize>() * dtype.bits()).div_ceil(8);
+    let expected = shape
+        .iter()
+        .try_fold(dtype.bits(), |a, &d| a.checked_mul(d))
+        .map(|bits| bits.div_ceil(8))
+        .ok_or_else(|| bad(&format!("shape {shape:?} overflows")))?;
     if end < start || end - start != expected {
         return Err(bad(&format!(
             "data_offsets {start}..{end} do not fit shape {shape:?} of {dtype_str} ({expected} bytes)"

@@ -157,6 +157,18 @@ impl TargetConfig {
         let key = |k: &str| format!("{arch}.{k}");
         let hidden_size = file.require_u64(&key("embedding_length"))? as usize;
         let heads = file.require_u64(&key("attention.head_count"))? as usize;
+        let kv_heads = file
+            .get(&key("attention.head_count_kv"))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .unwrap_or(heads);
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(LoadError::field(
+                file.path(),
+                key("attention.head_count"),
+                format!("{heads} query heads over {kv_heads} key/value heads: both must be positive and the first a multiple of the second"),
+            ));
+        }
         let vocab_size = match file.get(&key("vocab_size")).and_then(|v| v.as_u64()) {
             Some(v) => v as usize,
             None => file.string_array("tokenizer.ggml.tokens")?.len(),
@@ -173,11 +185,7 @@ impl TargetConfig {
             intermediate_size: file.require_u64(&key("feed_forward_length"))? as usize,
             num_hidden_layers: file.require_u64(&key("block_count"))? as usize,
             num_attention_heads: heads,
-            num_key_value_heads: file
-                .get(&key("attention.head_count_kv"))
-                .and_then(|v| v.as_u64())
-                .map(|v| v as usize)
-                .unwrap_or(heads),
+            num_key_value_heads: kv_heads,
             head_dim: file
                 .get(&key("attention.key_length"))
                 .and_then(|v| v.as_u64())
