@@ -34,8 +34,9 @@ enum Command {
     Datasets(commands::datasets::DatasetsCommand),
     /// Train an Eagle3, DFlash or DSpark drafter from a recipe on a prepared cache.
     Train(commands::train::TrainArgs),
-    /// Measure accepted length with a verifying speculative-decoding loop on benchmark sets.
-    Eval(commands::eval::EvalArgs),
+    /// Measure accepted length with a verifying speculative-decoding loop on benchmark sets,
+    /// or offline from a cache (`--offline`).
+    Eval(Box<commands::eval::EvalArgs>),
     /// Write a training checkpoint the way serving engines load it (DeepSeek-V4: the `mtp.*`
     /// tensors alone, to merge into the target repository).
     Export(commands::export::ExportArgs),
@@ -69,7 +70,7 @@ fn main() -> anyhow::Result<()> {
         Command::Cache(cmd) => commands::cache::run(cmd),
         Command::Datasets(cmd) => commands::datasets::run(cmd),
         Command::Train(args) => commands::train::run(args),
-        Command::Eval(args) => commands::eval::run(args),
+        Command::Eval(args) => commands::eval::run(*args),
         Command::Export(args) => commands::export::run(args),
         Command::Recipe(cmd) => commands::train::run_recipe(cmd),
         Command::Generate(args) => commands::generate::run(args),

@@ -87,6 +87,7 @@ fn write_cache(dir: &Path, dtype: HiddenDtype, samples: &[CacheSample]) -> Manif
             bytes: summary.bytes,
             sha256: summary.sha256,
         }],
+        import: None,
     };
     manifest.recount();
     manifest.store(dir).unwrap();

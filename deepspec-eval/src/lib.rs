@@ -10,4 +10,5 @@ pub mod plots;
 pub mod proposer;
 pub mod report;
 pub mod runner;
+pub mod traces;
 pub mod verify;

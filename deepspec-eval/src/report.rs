@@ -46,8 +46,29 @@ pub struct CalibrationReport {
     pub threshold_sweep: Vec<SweepPoint>,
 }
 
+/// What an offline eval measured besides the report's τ (which is the one at the report's
+/// temperature).
+#[derive(Debug, Clone, Serialize)]
+pub struct OfflineSummary {
+    /// The cache the target's hidden states came from.
+    pub cache: String,
+    pub samples: usize,
+    /// Anchors scored (would-be verification rounds).
+    pub rounds: usize,
+    pub anchor_seed: u64,
+    /// τ at T = 0: the greedy-agreement prefix plus the bonus token.
+    pub tau_greedy: f64,
+    /// τ at T = 1: the expected accepted length under rejection sampling plus the bonus.
+    pub tau_expected: f64,
+    pub conditional_acceptance_greedy: Vec<f64>,
+    pub conditional_acceptance_expected: Vec<f64>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// `online` (the drafter verified against the running target) or `offline`
+    /// (teacher-forced against a cache's target hidden states; see `offline`).
+    pub mode: String,
     /// Mean of the per-set τ over the sets evaluated.
     pub macro_tau: f64,
     /// Mean of the per-set τ within each domain.
@@ -62,6 +83,8 @@ pub struct Report {
     pub max_new_tokens: usize,
     pub confidence_threshold: f64,
     pub calibration: Option<CalibrationReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offline: Option<OfflineSummary>,
 }
 
 impl Report {

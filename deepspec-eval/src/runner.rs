@@ -17,6 +17,8 @@ use std::time::Instant;
 pub struct SetRun {
     pub stats: AcceptanceStats,
     pub traces: Vec<DecodeTrace>,
+    /// `(sample index in the set, turn)` of each trace.
+    pub trace_ids: Vec<(usize, usize)>,
     pub wall_seconds: f64,
     /// Tokens generated (all turns).
     pub generated: usize,
@@ -86,6 +88,7 @@ pub fn run_set<B: Backend>(
     let mut run = SetRun {
         stats: AcceptanceStats::default(),
         traces: Vec::new(),
+        trace_ids: Vec::new(),
         wall_seconds: 0.0,
         generated: 0,
     };
@@ -135,7 +138,11 @@ pub fn run_set<B: Backend>(
             ));
         }
         // Traces in sample order, each sample's turns together.
-        run.traces.extend(traces.into_iter().flatten());
+        for ((i, _), sample_traces) in chunk.iter().zip(traces) {
+            run.trace_ids
+                .extend((0..sample_traces.len()).map(|turn| (*i, turn)));
+            run.traces.extend(sample_traces);
+        }
     }
     run.wall_seconds = started.elapsed().as_secs_f64();
     Ok(run)

@@ -9,6 +9,7 @@ pub mod data;
 pub mod logging;
 pub mod loss;
 pub mod memory;
+pub mod offline;
 pub mod optim;
 pub mod plan;
 pub mod schedule;

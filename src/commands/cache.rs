@@ -109,6 +109,33 @@ pub enum CacheCommand {
         #[arg(long, default_value_t = 1 << 30)]
         shard_max_bytes: u64,
     },
+    /// Import vLLM hidden-state dumps (one `*.safetensors` per request with `token_ids` [T]
+    /// and `hidden_states` [T, layers, H], from the ExampleHiddenStatesConnector; see
+    /// docs/engine-caches.md) as a training cache for the recipe's target and taps. The loss
+    /// mask comes from the token ids and the recipe's chat format; resumable like `prepare`.
+    ImportVllm {
+        /// The dump folder (the connector's `shared_storage_path`).
+        dumps: PathBuf,
+        /// Recipe naming the target (its config, tokenizer and final norm are read) and its
+        /// `model.target_layer_ids`.
+        #[arg(long)]
+        recipe: String,
+        /// New (or interrupted) cache folder [default: the recipe's data.target_cache_path].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The `eagle_aux_hidden_state_layer_ids` vLLM was launched with, in vLLM's numbering
+        /// (id k = after k decoder layers, so deepspec's tap i is k = i + 1) [default: each
+        /// recipe tap + 1, then the layer count L for the final state].
+        #[arg(long, value_delimiter = ',')]
+        dump_layer_ids: Vec<usize>,
+        /// What the slot of id L holds: vLLM's residual before the final norm (normalised
+        /// here with the target's norm weight) or an already normalised state.
+        #[arg(long, value_enum, default_value_t = LastSlotArg::PreNorm)]
+        last_slot: LastSlotArg,
+        /// No progress bar or lines.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// A synthetic DeepSeek-V4-shaped target and cache for a V4 recipe, where no V4 target
     /// runs (CPU demos and tests): the target folder gets `config.json` from the recipe's
     /// `model.target_config` and random `embed.weight` / `head.weight` (only when it does not
@@ -131,8 +158,94 @@ pub enum CacheCommand {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LastSlotArg {
+    PreNorm,
+    PostNorm,
+}
+
+fn import_vllm(
+    dumps: PathBuf,
+    recipe_name: &str,
+    out: Option<PathBuf>,
+    dump_layer_ids: Vec<usize>,
+    last_slot: LastSlotArg,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    use deepspec_core::prepare::import_vllm::{import_vllm, LastSlot, VllmImportOptions};
+    use deepspec_core::progress::ProgressMode;
+    let recipe_path = crate::commands::train::resolve_recipe(recipe_name)?;
+    let recipe = Recipe::load_with(&recipe_path, &[])?;
+    let Some(out) = out.or(recipe.data.target_cache_path.clone()) else {
+        bail!(
+            "no cache folder: pass --out DIR or set data.target_cache_path in {}",
+            recipe_path.display()
+        );
+    };
+    let opts = VllmImportOptions {
+        recipe,
+        recipe_path,
+        dumps,
+        out,
+        dump_layer_ids: (!dump_layer_ids.is_empty()).then_some(dump_layer_ids),
+        last_slot: match last_slot {
+            LastSlotArg::PreNorm => LastSlot::PreNorm,
+            LastSlotArg::PostNorm => LastSlot::PostNorm,
+        },
+    };
+    let bar = crate::commands::prepare::Bar::new(if quiet {
+        ProgressMode::Silent
+    } else {
+        ProgressMode::detect()
+    });
+    let report = import_vllm(&opts, &bar).with_context(|| {
+        format!(
+            "importing {} into {}",
+            opts.dumps.display(),
+            opts.out.display()
+        )
+    })?;
+    let m = &report.manifest;
+    eprintln!(
+        "{}: {} samples, {} tokens ({} trained) in {} shards from {} dumps ({} imported now)",
+        opts.out.display(),
+        m.num_samples,
+        m.num_tokens,
+        m.num_loss_tokens,
+        m.shards.len(),
+        report.files,
+        report.imported
+    );
+    if report.imported > 0 {
+        eprintln!(
+            "{}",
+            crate::commands::prepare::dropped_line(
+                report.imported,
+                &report.dropped,
+                opts.recipe.data.max_length,
+                opts.recipe.data.min_loss_tokens
+            )
+        );
+        eprintln!(
+            "import: {} tokens in {:.2} s ({:.0} tokens/s)",
+            report.tokens,
+            report.seconds,
+            report.tokens as f64 / report.seconds.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
 pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
     match cmd {
+        CacheCommand::ImportVllm {
+            dumps,
+            recipe,
+            out,
+            dump_layer_ids,
+            last_slot,
+            quiet,
+        } => import_vllm(dumps, &recipe, out, dump_layer_ids, last_slot, quiet),
         CacheCommand::Validate { dir } => {
             let report = cache::validate(&dir)?;
             println!(

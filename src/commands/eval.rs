@@ -17,6 +17,7 @@ use deepspec_eval::metrics::{threshold_sweep, AcceptanceStats};
 use deepspec_eval::plan::{EvalChoices, EvalPlan};
 use deepspec_eval::report::{regression_gate, CalibrationReport, Report, SetReport};
 use deepspec_eval::runner::run_set;
+use deepspec_eval::traces::TraceWriter;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -33,7 +34,7 @@ pub struct EvalArgs {
     pub drafter: PathBuf,
     /// Folder of `<set>.jsonl` files: the nine reference sets
     /// (scripts/fetch-eval-datasets.sh builds them) and any of your own.
-    #[arg(long, required_unless_present = "prompts")]
+    #[arg(long, required_unless_present_any = ["prompts", "offline"])]
     pub datasets: Option<PathBuf>,
     /// Comma-separated sets in --datasets (default: the nine reference sets). Any other
     /// NAME.jsonl there is a custom set: every row in file order.
@@ -86,11 +87,23 @@ pub struct EvalArgs {
     pub tolerance: f64,
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
+    /// Teacher-forced τ from a cache's target hidden states through the frozen target head,
+    /// with no target in the loop (any drafter family, DeepSeek-V4's included): the greedy
+    /// prefix at T = 0, the expected accepted length at T = 1. Needs --recipe.
+    #[arg(long, conflicts_with_all = ["datasets", "prompts", "calibrate"])]
+    pub offline: bool,
+    /// The cache --offline scores against [default: the recipe's data.target_cache_path].
+    #[arg(long, requires = "offline")]
+    pub cache: Option<PathBuf>,
+    /// Write every verification round (and each prompt's output ids and text) as JSON lines
+    /// to this file (fields: docs/eval-report.md).
+    #[arg(long)]
+    pub traces: Option<PathBuf>,
 }
 
 /// Locks what this eval writes: the report (a lock file beside it, named after it), the
 /// plots folder and, with `--calibrate`, the drafter folder that receives `calibration.json`.
-fn lock_outputs(
+pub(crate) fn lock_outputs(
     report: &Path,
     plots: Option<&Path>,
     calibrated_drafter: Option<&Path>,
@@ -148,6 +161,12 @@ impl OnBackend for EvalArgs {
             }
             None => None,
         };
+        if self.offline {
+            let Some((path, recipe)) = recipe else {
+                bail!("--offline needs --recipe: its target's head scores the cache, and its data.target_cache_path is the default --cache");
+            };
+            return crate::commands::offline::run::<B>(&self, &path, &recipe, device);
+        }
         let plan = EvalPlan::from_recipe(
             recipe.as_ref().map(|(p, r)| (p.as_path(), r)),
             EvalChoices {
@@ -167,11 +186,14 @@ impl OnBackend for EvalArgs {
         crate::commands::require_checkpoint_dir(&self.drafter, "--drafter")?;
         // Held until the report and plots are written: a second eval writing the same files
         // stops here instead of interleaving its temporary files with ours.
-        let _locks = lock_outputs(
+        let mut _locks = lock_outputs(
             &self.report,
             self.plots.as_deref(),
             self.calibrate.then_some(self.drafter.as_path()),
         )?;
+        if let Some(t) = &self.traces {
+            _locks.extend(lock_outputs(t, None, None)?);
+        }
         let target_path = &plan.target;
         let target = load_target::<B>(target_path, &device)
             .with_context(|| format!("loading target {}", target_path.display()))?;
@@ -182,7 +204,12 @@ impl OnBackend for EvalArgs {
             .context("compiling the chat template")?;
         let sets = load_sets(&plan.sets, plan.selection())?;
         let params = plan.decode_params(&target.tokenizer, &template, &config)?;
+        let mut traces_out = match &self.traces {
+            Some(path) => Some(TraceWriter::create(path)?),
+            None => None,
+        };
         let mut report = Report {
+            mode: "online".into(),
             macro_tau: 0.0,
             domain_tau: BTreeMap::new(),
             sets: BTreeMap::new(),
@@ -194,6 +221,7 @@ impl OnBackend for EvalArgs {
             max_new_tokens: plan.max_new_tokens,
             confidence_threshold: plan.confidence_threshold,
             calibration: None,
+            offline: None,
         };
         let mut all_traces: Vec<(Domain, DecodeTrace)> = Vec::new();
         let mut per_domain: BTreeMap<Domain, AcceptanceStats> = BTreeMap::new();
@@ -234,6 +262,14 @@ impl OnBackend for EvalArgs {
             );
             for trace in &run.traces {
                 per_domain.entry(dataset.domain).or_default().add(trace);
+            }
+            if let Some(out) = &mut traces_out {
+                for (trace, &(prompt, turn)) in run.traces.iter().zip(&run.trace_ids) {
+                    let text = target
+                        .tokenizer
+                        .decode(&trace.output_ids[trace.prompt_len..], false)?;
+                    out.online(&dataset.name, prompt, turn, trace, text)?;
+                }
             }
             report.sets.insert(
                 dataset.name.clone(),
@@ -280,6 +316,10 @@ impl OnBackend for EvalArgs {
             );
         }
         report.write(&self.report)?;
+        if let Some(out) = traces_out {
+            out.finish()?;
+            eprintln!("traces: {}", self.traces.as_ref().unwrap().display());
+        }
         println!("{}", report.markdown());
         if let Some(c) = &report.calibration {
             let c = &c.prefix_survival;

@@ -4,6 +4,7 @@ pub mod datasets;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod offline;
 pub mod prepare;
 pub mod train;
 

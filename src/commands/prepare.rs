@@ -118,9 +118,18 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
 
 /// Prompts answered and passed through the target, with tokens/s of both phases and the
 /// ETA: a bar on a terminal, a line per batch (at most one per 10 s) in a log.
-struct Bar {
+pub(crate) struct Bar {
     phase: RefCell<Option<shown::Progress>>,
     mode: ProgressMode,
+}
+
+impl Bar {
+    pub(crate) fn new(mode: ProgressMode) -> Self {
+        Bar {
+            phase: RefCell::new(None),
+            mode,
+        }
+    }
 }
 
 impl Progress for Bar {
@@ -156,7 +165,12 @@ impl Progress for Bar {
 }
 
 /// `dropped 7 of 24 prompts: 5 too long (...), 2 too few loss tokens (...), 0 empty answer`.
-fn dropped_line(processed: u64, d: &Dropped, max_length: usize, min_loss_tokens: usize) -> String {
+pub(crate) fn dropped_line(
+    processed: u64,
+    d: &Dropped,
+    max_length: usize,
+    min_loss_tokens: usize,
+) -> String {
     format!(
         "dropped {} of {processed} prompts: {} too long (over data.max_length = {max_length} tokens), \
          {} too few loss tokens (under data.min_loss_tokens = {min_loss_tokens}), {} empty answer",

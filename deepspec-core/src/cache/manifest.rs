@@ -89,6 +89,34 @@ pub struct Manifest {
     pub num_tokens: u64,
     pub num_loss_tokens: u64,
     pub shards: Vec<ShardEntry>,
+    /// Where an imported cache's hidden states came from; absent for `prepare`'s caches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<ImportSource>,
+}
+
+/// The provenance of a cache imported from a serving engine's hidden-state dumps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportSource {
+    /// `vllm`.
+    pub engine: String,
+    /// The layer ids the engine was asked to capture, in its numbering (vLLM: id `k` is the
+    /// residual stream after `k` decoder layers), in the dump's (ascending) slot order.
+    pub dump_layer_ids: Vec<usize>,
+    /// For each of `target_layer_ids`, the dump slot it was read from.
+    pub tap_slots: Vec<usize>,
+    /// The dump slot the final hidden state was read from.
+    pub last_slot: usize,
+    /// `pre-norm` (vLLM: the target's final norm is applied on import) or `post-norm`.
+    pub last_hidden: String,
+    /// Every dump file, in sample order.
+    pub files: Vec<ImportedFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportedFile {
+    pub file_name: String,
+    pub bytes: u64,
+    pub sha256: String,
 }
 
 impl Manifest {
@@ -243,6 +271,24 @@ impl Manifest {
                 "hidden_dtype",
                 self.hidden_dtype.name().into(),
                 other.hidden_dtype.name().into(),
+            ));
+        }
+        if self.import != other.import {
+            let describe = |i: &Option<ImportSource>| match i {
+                None => "no import".to_string(),
+                Some(i) => format!(
+                    "{} dumps {:?} (slots {:?}, last {}), {} files",
+                    i.engine,
+                    i.dump_layer_ids,
+                    i.tap_slots,
+                    i.last_slot,
+                    i.files.len()
+                ),
+            };
+            return Err(differs(
+                "import",
+                describe(&self.import),
+                describe(&other.import),
             ));
         }
         if self.job != other.job {

@@ -14,7 +14,7 @@ pub mod schema;
 pub mod synthetic;
 pub mod writer;
 
-pub use manifest::{JobSettings, Manifest, ShardEntry, TargetIdentity};
+pub use manifest::{ImportSource, ImportedFile, JobSettings, Manifest, ShardEntry, TargetIdentity};
 pub use reader::{validate, CacheReader, ValidationReport};
 pub use schema::{EncodedHidden, HiddenDtype};
 pub use writer::{ShardLayout, ShardSummary, ShardWriter};

@@ -287,6 +287,7 @@ pub fn import_reference(
         num_tokens: 0,
         num_loss_tokens: 0,
         shards: Vec::new(),
+        import: None,
     };
     // Group samples into shards by payload size, then write them.
     let mut groups: Vec<Vec<usize>> = Vec::new();

@@ -187,6 +187,7 @@ pub fn write_v4_cache(
             bytes: summary.bytes,
             sha256: summary.sha256,
         }],
+        import: None,
     };
     manifest.recount();
     manifest.store(dst)?;

@@ -324,6 +324,46 @@ pub fn tokenize_conversation(
     })
 }
 
+/// The loss mask of a conversation that arrives already tokenized (a serving engine's dump):
+/// the assistant spans of the decoded text (special tokens kept), mapped back to tokens. When
+/// the ids are the tokenizer's own encoding of that text, a span starts at the token count of
+/// the text before it, exactly as [`tokenize_conversation`] does, so the mask equals
+/// `prepare`'s; otherwise (an engine's sampled, non-canonical split) at the first token
+/// whose decoded prefix reaches the span's start byte.
+pub fn loss_mask_from_ids(
+    tok: &Tok,
+    ids: &[u32],
+    format: &TurnFormat,
+) -> Result<Vec<u8>, crate::LoadError> {
+    let text = tok.decode(ids, false)?;
+    let canonical = tok.encode(&text)? == ids;
+    let decoded_len = |k: usize| tok.decode(&ids[..k], false).map(|t| t.len());
+    // The first token count whose text reaches byte `at`.
+    let token_at = |at: usize| -> Result<usize, crate::LoadError> {
+        if canonical {
+            return Ok(tok.encode(&text[..at])?.len().min(ids.len()));
+        }
+        let (mut lo, mut hi) = (0, ids.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if decoded_len(mid)? >= at {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Ok(lo)
+    };
+    let mut mask = vec![0u8; ids.len()];
+    for (start, end) in assistant_spans(&text, format) {
+        let (a, b) = (token_at(start)?, token_at(end)?);
+        if a < b {
+            mask[a..b].fill(1);
+        }
+    }
+    Ok(mask)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@
 //! - [`plan`]: the job's identity (hashes, settings) and the `--estimate` figures.
 
 pub mod answer;
+pub mod import_vllm;
 pub mod plan;
 pub mod prompts;
 pub mod target_pass;
@@ -114,7 +115,7 @@ pub enum DropReason {
 }
 
 impl Dropped {
-    fn count(&mut self, reason: DropReason) {
+    pub(crate) fn count(&mut self, reason: DropReason) {
         match reason {
             DropReason::TooLong => self.too_long += 1,
             DropReason::TooFewLossTokens => self.too_few_loss_tokens += 1,
@@ -376,17 +377,17 @@ pub fn prepare<B: Backend>(
 }
 
 /// The shard being filled.
-struct OpenShard {
-    writer: ShardWriter,
+pub(crate) struct OpenShard {
+    pub(crate) writer: ShardWriter,
     file_name: String,
     shard_id: u64,
     source_start: u64,
     /// Estimated payload so far (what `shard_max_bytes` bounds).
-    payload: u64,
+    pub(crate) payload: u64,
 }
 
 impl OpenShard {
-    fn create(
+    pub(crate) fn create(
         dir: &std::path::Path,
         shard_id: u64,
         source_start: u64,
@@ -403,7 +404,7 @@ impl OpenShard {
     }
 
     /// Closes the shard (prompts `[source_start, source_end)`) and records it in the manifest.
-    fn finish(
+    pub(crate) fn finish(
         self,
         dir: &std::path::Path,
         source_end: u64,
@@ -430,7 +431,7 @@ impl OpenShard {
 
 /// How many of the manifest's shards are kept: the longest prefix that is contiguous from
 /// prompt 0 and whose files have the listed sizes (a full check is `deepspec cache validate`).
-fn kept_prefix(dir: &std::path::Path, manifest: &Manifest) -> usize {
+pub(crate) fn kept_prefix(dir: &std::path::Path, manifest: &Manifest) -> usize {
     let mut next = 0;
     for (k, s) in manifest.shards.iter().enumerate() {
         let whole = s.shard_id == k as u64
@@ -445,7 +446,7 @@ fn kept_prefix(dir: &std::path::Path, manifest: &Manifest) -> usize {
 }
 
 /// Deletes what an interrupted run left half-written (`*.tmp`).
-fn remove_temporaries(dir: &std::path::Path) -> anyhow::Result<()> {
+pub(crate) fn remove_temporaries(dir: &std::path::Path) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "tmp") {

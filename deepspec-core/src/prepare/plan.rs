@@ -199,6 +199,7 @@ fn plan_job_warn(opts: &PrepareOptions, warn: &mut dyn FnMut(&str)) -> anyhow::R
         num_tokens: 0,
         num_loss_tokens: 0,
         shards: Vec::new(),
+        import: None,
     };
     let mut planned = Planned {
         manifest,

@@ -55,6 +55,21 @@ pub struct DSparkLoss<B: Backend> {
     pub total: Tensor<B, 1>,
     /// The reference's metrics (the loss terms included), still on the device.
     pub metrics: DeviceMetrics<B>,
+    /// Every slot's outcome, for offline acceptance and its traces.
+    pub slots: SlotValues<B>,
+}
+
+/// Per slot, `[blocks · block_size]` in layout order, detached: what verification would
+/// decide there against the target's distribution.
+pub struct SlotValues<B: Backend> {
+    /// `Σ_v min(p_target, p_draft)`: the chance rejection sampling at T = 1 accepts the slot.
+    pub accept: Tensor<B, 1>,
+    /// 1 where the draft's argmax is the target's (greedy acceptance at T = 0).
+    pub agree: Tensor<B, 1>,
+    /// The draft's argmax token id.
+    pub draft_ids: Tensor<B, 1>,
+    /// σ of the confidence head's logit, when the drafter has one.
+    pub confidence: Option<Tensor<B, 1>>,
 }
 
 pub fn slot_weight(j: usize, gamma: Option<f64>) -> f64 {
@@ -158,7 +173,9 @@ pub fn dspark_loss<B: HeadLossBackend, M: BlockDrafter<B>>(
     );
     let mut total = losses.total;
     let ce: Tensor<B, 1> = losses.per_token.clone().narrow(1, 0, 1).reshape([n]);
-    let l1: Tensor<B, 1> = losses.per_token.narrow(1, 1, 1).reshape([n]);
+    let l1: Tensor<B, 1> = losses.per_token.clone().narrow(1, 1, 1).reshape([n]);
+    let agree: Tensor<B, 1> = losses.per_token.clone().narrow(1, 2, 1).reshape([n]);
+    let draft_ids: Tensor<B, 1> = losses.per_token.narrow(1, 3, 1).reshape([n]);
 
     let mut metrics = DeviceMetrics::default();
     metrics.add("ce_loss", (w.clone() * ce).sum(), weight_sum);
@@ -177,8 +194,25 @@ pub fn dspark_loss<B: HeadLossBackend, M: BlockDrafter<B>>(
         total = total + conf_num * (config.confidence_alpha / denom);
         confidence = Some(sigmoid(z.detach()));
     }
-    block_metrics(&mut metrics, layout, accept, confidence, w, weight_sum);
-    DSparkLoss { total, metrics }
+    block_metrics(
+        &mut metrics,
+        layout,
+        accept.clone(),
+        agree.clone(),
+        confidence.clone(),
+        w,
+        weight_sum,
+    );
+    DSparkLoss {
+        total,
+        metrics,
+        slots: SlotValues {
+            accept: accept.detach(),
+            agree,
+            draft_ids,
+            confidence,
+        },
+    }
 }
 
 /// The reference's per-position training metrics, computed on the device: acceptance per
@@ -188,6 +222,7 @@ fn block_metrics<B: Backend>(
     metrics: &mut DeviceMetrics<B>,
     layout: &BlockLayout,
     accept: Tensor<B, 1>,
+    agree: Tensor<B, 1>,
     confidence: Option<Tensor<B, 1>>,
     weights: Tensor<B, 1>,
     weight_sum: f64,
@@ -220,6 +255,8 @@ fn block_metrics<B: Backend>(
     let kept = eval_host.iter().step_by(bs).sum::<f32>() as f64;
     if kept > 0.0 {
         metrics.add("tau_probabilistic", survive.clone().sum() + kept, kept);
+        let agree = agree.reshape([blocks, bs]) * eval.clone();
+        metrics.add("tau_greedy", agree.cumprod(1).sum() + kept, kept);
     }
     if let Some(c) = confidence {
         let c = c.reshape([blocks, bs]) * eval.clone();

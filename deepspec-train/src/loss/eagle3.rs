@@ -20,6 +20,9 @@ pub struct Eagle3Loss<B: Backend> {
     pub metrics: DeviceMetrics<B>,
     /// Positions supervised at step 0 (the drafter's predictions per unrolled step).
     pub supervised: usize,
+    /// Every (step, position) outcome, `[steps · b · L]` step-major, for offline acceptance;
+    /// [`position_masks`] says which are supervised.
+    pub slots: super::dspark::SlotValues<B>,
 }
 
 /// `pm_k[b][t]`: `loss_mask[t + k]`, with each row's last real token excluded.
@@ -109,11 +112,18 @@ pub fn eagle3_loss<B: HeadLossBackend>(
     let mask = float::<B, 2>(mask_host.clone(), [steps, n], &device);
     let soft_ce: Tensor<B, 2> = losses.per_token.clone().narrow(1, 0, 1).reshape([steps, n]);
     let l1: Tensor<B, 2> = losses.per_token.clone().narrow(1, 1, 1).reshape([steps, n]);
-    let agree: Tensor<B, 2> = losses.per_token.narrow(1, 2, 1).reshape([steps, n]);
+    let agree: Tensor<B, 2> = losses.per_token.clone().narrow(1, 2, 1).reshape([steps, n]);
+    let draft_ids: Tensor<B, 1> = losses.per_token.narrow(1, 3, 1).reshape([steps * n]);
     let step_losses: Tensor<B, 1> = (soft_ce * mask.clone()).sum_dim(1).reshape([steps]) / n as f64;
 
     let mut metrics = DeviceMetrics::default();
     let accept = (l1 * -0.5 + 1.0).clamp(0.0, 1.0) * mask.clone();
+    let slots = super::dspark::SlotValues {
+        accept: accept.clone().detach().reshape([steps * n]),
+        agree: agree.clone().reshape([steps * n]),
+        draft_ids,
+        confidence: None,
+    };
     let correct = agree * mask;
     // Survival along the steps: a position's step-k draft counts only if every earlier step
     // was (greedily / probabilistically) accepted.
@@ -150,5 +160,6 @@ pub fn eagle3_loss<B: HeadLossBackend>(
         step_losses,
         step_hidden,
         metrics,
+        slots,
     }
 }

@@ -148,7 +148,8 @@ pub struct HeadLossInput<B: Backend> {
 pub struct HeadLossOutput<B: Backend> {
     /// `[1]` `Σ loss_weight·loss + l1_weight·l1`, differentiable.
     pub total: Tensor<B, 1>,
-    /// `[N, 3]` each row's loss, L1 distance and argmax agreement (0/1); no gradient.
+    /// `[N, 4]` each row's loss, L1 distance, argmax agreement (0/1) and the draft's argmax
+    /// token id (exact in f32 for vocabularies under 2^24); no gradient.
     pub per_token: Tensor<B, 2>,
 }
 
@@ -179,7 +180,7 @@ fn ints<B: Backend>(values: &[i64], device: &B::Device) -> Tensor<B, 1, Int> {
     Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
 }
 
-/// One chunk: values `[d, 3]`, the weighted sum `[1]`, `dZ [d, V]`. Written so that at
+/// One chunk: values `[d, 4]`, the weighted sum `[1]`, `dZ [d, V]`. Written so that at
 /// most [`LIVE_BUFFERS`] `[d, V]` tensors are alive at once (each op takes its input by
 /// value, so a backend may reuse the buffer).
 pub fn chunk_values_and_grads<B: Backend>(
@@ -191,11 +192,8 @@ pub fn chunk_values_and_grads<B: Backend>(
     mode: HeadMode,
 ) -> (Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 2>) {
     let [d, _] = logits.dims();
-    let agree = logits
-        .clone()
-        .argmax(1)
-        .equal(target_probs.clone().argmax(1))
-        .float();
+    let pick = logits.clone().argmax(1);
+    let agree = pick.clone().equal(target_probs.clone().argmax(1)).float();
     let c0 = loss_weight.reshape([d, 1]);
     let log_p = log_softmax(logits, 1);
     let (loss, mass) = match mode {
@@ -238,7 +236,11 @@ pub fn chunk_values_and_grads<B: Backend>(
         // d/dz of -Σ_v t_v log p_v is p · Σ_v t_v - t.
         HeadMode::Soft => (p * mass.expect("soft mode") - target_probs) * c0,
     };
-    (Tensor::cat(vec![loss, l1, agree], 1), total, grad)
+    (
+        Tensor::cat(vec![loss, l1, agree, pick.float()], 1),
+        total,
+        grad,
+    )
 }
 
 fn compute<B: Backend>(input: &HeadLossInput<B>, plan: &HeadPlan) -> Computed<B> {
@@ -298,7 +300,7 @@ fn compute<B: Backend>(input: &HeadLossInput<B>, plan: &HeadPlan) -> Computed<B>
     };
     Computed {
         total,
-        per_token: spread(values, 3),
+        per_token: spread(values, 4),
         grad_hidden: spread(grad_rows, h),
         grad_markov: markov.as_ref().map(|_| spread(grad_markov_rows, r)),
         grad_w2: w2
@@ -502,7 +504,7 @@ mod tests {
             .into_data()
             .into_vec::<f32>()
             .unwrap();
-        assert_eq!(skipped, vec![0.0; 3], "a row nobody weighs is skipped");
+        assert_eq!(skipped, vec![0.0; 4], "a row nobody weighs is skipped");
     }
 
     #[test]
