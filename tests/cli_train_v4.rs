@@ -155,6 +155,35 @@ fn v4_tiny_trains_resumes_bit_exact_reloads_and_exports() {
     ]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a model"));
+
+    // Offline τ needs no target in the loop: the checkpoint and its export (embedding and head
+    // from the target folder) score the recipe's cache alike.
+    let tau = |drafter: &Path, name: &str| -> serde_json::Value {
+        let report = dir.path().join(name);
+        ok(&deepspec(&[
+            "eval",
+            "--offline",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--drafter",
+            drafter.to_str().unwrap(),
+            "--temperature",
+            "1",
+            "--report",
+            report.to_str().unwrap(),
+        ]));
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        assert_eq!(r["mode"], "offline");
+        assert_eq!(r["algorithm"], "dspark");
+        r["offline"].clone()
+    };
+    let from_checkpoint = tau(&whole.join("step_latest"), "offline-checkpoint.json");
+    let from_export = tau(&export, "offline-export.json");
+    let expected = from_checkpoint["tau_expected"].as_f64().unwrap();
+    assert!(expected >= 1.0, "{from_checkpoint}");
+    assert_eq!(from_checkpoint["rounds"], from_export["rounds"]);
+    assert!((expected - from_export["tau_expected"].as_f64().unwrap()).abs() < 1e-9);
 }
 
 #[test]
