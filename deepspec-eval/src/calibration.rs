@@ -1,5 +1,6 @@
 //! Calibration of the confidence head's **prefix survival** with Sequential Temperature
-//! Scaling (spec §6.10, §9.5).
+//! Scaling as the DSpark paper describes it (its calibration section and Figure 6; the
+//! reference ships no STS code).
 //!
 //! Slot j's confidence `σ(z_j)` predicts acceptance of slot j given slots before it were
 //! accepted, so the probability that the first j drafts all survive is the prefix survival

@@ -77,7 +77,8 @@ pub fn reliability(probs: &[(f64, bool)], bins: usize) -> Vec<(f64, f64, usize)>
         .collect()
 }
 
-/// Bins of the expected calibration error: the reference's 20 equal-width bins (spec §6.9).
+/// Bins of the expected calibration error: the 20 equal-width bins of the reference evaluator's
+/// confidence-head metrics.
 pub const ECE_BINS: usize = 20;
 
 /// Expected calibration error over [`ECE_BINS`] equal-width bins: the count-weighted mean of
@@ -177,7 +178,7 @@ mod tests {
         assert!(ece(&calibrated) < 1e-12);
     }
 
-    /// 0.72 and 0.78 share a bin of ten but not of twenty: the reference's binning (§6.9).
+    /// 0.72 and 0.78 share a bin of ten but not of twenty: the reference's binning.
     #[test]
     fn ece_uses_twenty_bins() {
         let probs = [(0.72, false), (0.78, true)];
