@@ -74,6 +74,17 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
 
 /// The DeepSeek-V4 fixture folder: `DEEPSPEC_GOLDEN_V4_DIR`, default the repository's copy
 /// `tests/golden-v4` (transformers' own DeepSeek-V4 code on tiny configs; see its README).
+/// The reference's Gemma4 fixtures: `DEEPSPEC_GOLDEN_GEMMA4_DIR` or tests/golden-gemma4.
+pub fn golden_gemma4_dir() -> PathBuf {
+    let dir = from_env("DEEPSPEC_GOLDEN_GEMMA4_DIR", "tests/golden-gemma4");
+    assert!(
+        dir.join("inputs.safetensors").exists() && dir.join("target/config.json").exists(),
+        "Gemma4 fixtures not found in {} (set DEEPSPEC_GOLDEN_GEMMA4_DIR)",
+        dir.display()
+    );
+    dir
+}
+
 pub fn golden_v4_dir() -> PathBuf {
     let dir = from_env("DEEPSPEC_GOLDEN_V4_DIR", "tests/golden-v4");
     assert!(

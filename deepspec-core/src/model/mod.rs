@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod config;
 pub mod embedding;
+pub mod gemma4;
 pub mod kv_cache;
 pub mod linear;
 pub mod load;

@@ -1,0 +1,179 @@
+//! Parity of the Gemma4 target with transformers' outputs stored in the Gemma4 fixtures
+//! (`DEEPSPEC_GOLDEN_GEMMA4_DIR`, default tests/golden-gemma4): logits, the logits before
+//! soft-capping, the scaled embeddings, every layer's output (after its `layer_scalar`), the
+//! final norm, and the cached bf16 features. Every size and switch comes from the files.
+
+use burn::tensor::{Int, Tensor, TensorData};
+use deepspec_core::backend::Cpu;
+use deepspec_core::cache::reference::ReferenceCache;
+use deepspec_core::fixtures::{golden_gemma4_dir, max_abs_diff};
+use deepspec_core::io::safetensors::SafetensorsFile;
+use deepspec_core::model::gemma4::{Gemma4Output, LoadedGemma4};
+use deepspec_core::model::to_host;
+
+type B = Cpu;
+
+struct Batch {
+    ids: Vec<i64>,
+    real: Vec<Vec<bool>>,
+    batch: usize,
+    seq: usize,
+}
+
+fn inputs() -> Batch {
+    let file = SafetensorsFile::open(golden_gemma4_dir().join("inputs.safetensors")).unwrap();
+    let (shape, ids) = file.i64("input_ids").unwrap();
+    let (_, mask) = file.i64("attention_mask").unwrap();
+    let (batch, seq) = (shape[0], shape[1]);
+    let real = (0..batch)
+        .map(|b| {
+            mask[b * seq..(b + 1) * seq]
+                .iter()
+                .map(|&m| m != 0)
+                .collect()
+        })
+        .collect();
+    Batch {
+        ids,
+        real,
+        batch,
+        seq,
+    }
+}
+
+/// Worst `|diff|` over real positions of `[batch, seq, width]` values, asserted below `tol`
+/// relative to the largest expected magnitude (layer outputs are O(10)).
+fn assert_close(name: &str, got: &[f32], want: &[f32], inputs: &Batch, tol: f32) -> f32 {
+    assert_eq!(got.len(), want.len(), "{name}: sizes");
+    let width = want.len() / (inputs.batch * inputs.seq);
+    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let mut worst = 0f32;
+    for b in 0..inputs.batch {
+        for s in 0..inputs.seq {
+            if !inputs.real[b][s] {
+                continue;
+            }
+            let at = (b * inputs.seq + s) * width;
+            let (d, i) = max_abs_diff(&got[at..at + width], &want[at..at + width]);
+            assert!(
+                d <= tol * scale,
+                "{name}: |diff| {d} > {tol}·{scale} at row {b}, position {s}, feature {i}"
+            );
+            worst = worst.max(d);
+        }
+    }
+    eprintln!("{name}: max |diff| {worst:.3e} (largest value {scale:.2})");
+    worst
+}
+
+fn run() -> (Batch, LoadedGemma4<B>, Gemma4Output<B>, Vec<usize>) {
+    let device = Default::default();
+    let target = LoadedGemma4::<B>::load(&golden_gemma4_dir().join("target"), &device).unwrap();
+    let inputs = inputs();
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(inputs.ids.clone(), [inputs.batch, inputs.seq]),
+        &device,
+    );
+    let taps: Vec<usize> = (0..target.config.num_hidden_layers - 1).collect();
+    let out = target
+        .model
+        .forward_padded(&target.config, ids, &inputs.real, &taps, true);
+    (inputs, target, out, taps)
+}
+
+#[test]
+fn golden_gemma4_target_logits_and_layers() {
+    let (inputs, target, out, taps) = run();
+    let expected =
+        SafetensorsFile::open(golden_gemma4_dir().join("target/expected.safetensors")).unwrap();
+    let want = |name: &str| expected.f32(name).unwrap().data;
+    assert_close(
+        "logits",
+        &to_host(out.logits.unwrap()).data,
+        &want("logits"),
+        &inputs,
+        2e-5,
+    );
+    let before = to_host(target.model.head(out.final_hidden.clone())).data;
+    assert_close(
+        "logits_before_softcap",
+        &before,
+        &want("logits_before_softcap"),
+        &inputs,
+        2e-5,
+    );
+    let device = Default::default();
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(inputs.ids.clone(), [inputs.batch, inputs.seq]),
+        &device,
+    );
+    assert_close(
+        "embeddings",
+        &to_host(target.model.embed(ids)).data,
+        &want("embeddings"),
+        &inputs,
+        1e-6,
+    );
+    for (tensor, layer) in out.tapped.into_iter().zip(&taps) {
+        let name = format!("layer_output.{layer}");
+        assert_close(&name, &to_host(tensor).data, &want(&name), &inputs, 2e-5);
+    }
+    assert_close(
+        "final_norm_hidden",
+        &to_host(out.final_hidden).data,
+        &want("final_norm_hidden"),
+        &inputs,
+        2e-5,
+    );
+}
+
+/// The reference cache's features are the target's taps and final state rounded to bf16:
+/// ours, rounded the same way, are at most one bf16 step from them, plus the f32 tolerance
+/// (1e-4 absolute) where a value sits near a rounding boundary.
+/// The spacing of bf16 values around `v`.
+fn bf16_step(v: f32) -> f32 {
+    let b = half::bf16::from_f32(v.abs());
+    (half::bf16::from_bits(b.to_bits() + 1).to_f32() - b.to_f32()).abs()
+}
+
+#[test]
+fn golden_gemma4_target_cached_features() {
+    let (inputs, _, out, _) = run();
+    let cache = ReferenceCache::open(&golden_gemma4_dir().join("cache")).unwrap();
+    let layers: Vec<usize> = cache.target_layer_ids.iter().copied().collect();
+    let taps: Vec<Vec<f32>> = out.tapped.into_iter().map(|t| to_host(t).data).collect();
+    let last = to_host(out.final_hidden).data;
+    let h = cache.hidden_size;
+    let shard = std::fs::read(cache.shard_file(0)).unwrap();
+    for b in 0..inputs.batch {
+        let sample = cache.sample(b, &shard).unwrap();
+        let n = sample.input_ids.len();
+        let cached = sample.hidden.to_f32();
+        let cached_last = sample.last_hidden.to_f32();
+        let mut worst = 0f32;
+        for s in 0..n {
+            for (k, &layer) in layers.iter().enumerate() {
+                let ours = &taps[layer][(b * inputs.seq + s) * h..][..h];
+                let theirs = &cached[(s * layers.len() + k) * h..][..h];
+                for (a, c) in ours.iter().zip(theirs) {
+                    let d = (half::bf16::from_f32(*a).to_f32() - c).abs();
+                    assert!(
+                        d <= bf16_step(*c) + 1e-4,
+                        "sample {b}, position {s}, layer {layer}: {a} vs {c}"
+                    );
+                    worst = worst.max(d);
+                }
+            }
+            let ours = &last[(b * inputs.seq + s) * h..][..h];
+            let theirs = &cached_last[s * h..][..h];
+            for (a, c) in ours.iter().zip(theirs) {
+                let d = (half::bf16::from_f32(*a).to_f32() - c).abs();
+                assert!(
+                    d <= bf16_step(*c) + 1e-4,
+                    "sample {b}, position {s}: final {a} vs {c}"
+                );
+            }
+        }
+        eprintln!("sample {b}: cached taps within {worst:.3e} after bf16 rounding");
+    }
+}
