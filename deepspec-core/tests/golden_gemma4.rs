@@ -177,3 +177,41 @@ fn golden_gemma4_target_cached_features() {
         eprintln!("sample {b}: cached taps within {worst:.3e} after bf16 rounding");
     }
 }
+
+/// A Gemma4 drafter checkpoint written here has the reference's keys, shapes and values and
+/// its config fields, for DSpark and DFlash.
+#[test]
+fn golden_gemma4_drafter_checkpoint_round_trip() {
+    use deepspec_core::drafter::{Drafter, DrafterConfig};
+    for algo in ["dspark", "dflash"] {
+        let dir = golden_gemma4_dir().join(algo);
+        let device = Default::default();
+        let (drafter, config) = Drafter::<B>::load(&dir, &device).unwrap();
+        assert!(matches!(drafter, Drafter::DSparkGemma4(_)), "{algo}");
+        let out = tempfile::tempdir().unwrap();
+        drafter.save(out.path(), &config).unwrap();
+        let theirs = SafetensorsFile::open(dir.join("model.safetensors")).unwrap();
+        let ours = SafetensorsFile::open(out.path().join("model.safetensors")).unwrap();
+        let names = |f: &SafetensorsFile| {
+            let mut v: Vec<String> = f.tensor_names().cloned().collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&ours), names(&theirs), "{algo}: checkpoint keys");
+        for name in names(&theirs) {
+            let (a, b) = (ours.f32(&name).unwrap(), theirs.f32(&name).unwrap());
+            assert_eq!(a.shape, b.shape, "{algo}: {name} shape");
+            assert_eq!(a.data, b.data, "{algo}: {name} values");
+        }
+        let reread = DrafterConfig::from_file(&out.path().join("config.json")).unwrap();
+        assert_eq!(reread.json, config.json, "{algo}: config fields");
+        let theirs: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            serde_json::Value::Object(reread.json),
+            theirs,
+            "{algo}: config.json"
+        );
+    }
+}

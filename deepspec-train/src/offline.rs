@@ -356,6 +356,7 @@ pub fn offline_eval<B: AutodiffBackend + HeadLossBackend>(
         let rounds = match drafter {
             Drafter::DSpark(m) => block_rounds(m, config, &mut batch, start, &mut rng, opts),
             Drafter::DSparkV4(m) => block_rounds(m, config, &mut batch, start, &mut rng, opts),
+            Drafter::DSparkGemma4(m) => block_rounds(m, config, &mut batch, start, &mut rng, opts),
             Drafter::Eagle3(m) => eagle3_rounds(m, config, &mut batch, start, opts),
         };
         for round in &rounds {

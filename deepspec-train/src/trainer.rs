@@ -81,6 +81,9 @@ pub fn micro_loss<B: AutodiffBackend + HeadLossBackend>(
     match drafter {
         Drafter::DSpark(model) => block_micro_loss(model, config, batch, features, rng, settings),
         Drafter::DSparkV4(model) => block_micro_loss(model, config, batch, features, rng, settings),
+        Drafter::DSparkGemma4(model) => {
+            block_micro_loss(model, config, batch, features, rng, settings)
+        }
         Drafter::Eagle3(model) => {
             let loss = eagle3_loss(
                 model,

@@ -1,12 +1,14 @@
 //! Parity of the drafters, their losses, gradients and one AdamW step with the reference
-//! (golden `dspark/`, `dflash/`, `eagle3/`). Every size comes from the fixture files.
+//! (golden `dspark/`, `dflash/`, `eagle3/`; the Gemma4 set's `dspark/` and `dflash/` for the
+//! `golden_gemma4_*` tests). Every size comes from the fixture files.
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use deepspec_core::drafter::{
-    named_params, state_dict, BlockInputs, DSparkModel, Drafter, DrafterConfig,
+    named_params, state_dict, BlockDrafter, BlockInputs, DSparkGemma4Model, DSparkModel, Drafter,
+    DrafterConfig,
 };
-use deepspec_core::fixtures::{golden_dir, max_abs_diff};
+use deepspec_core::fixtures::{golden_dir, golden_gemma4_dir, max_abs_diff};
 use deepspec_core::io::safetensors::SafetensorsFile;
 use deepspec_core::model::attention::Visibility;
 use deepspec_core::model::{tensor_from_host, to_host};
@@ -40,7 +42,10 @@ struct Fixture {
 }
 
 fn fixture(algo: &str) -> Fixture {
-    let golden = golden_dir();
+    fixture_in(golden_dir(), algo)
+}
+
+fn fixture_in(golden: PathBuf, algo: &str) -> Fixture {
     let dir = golden.join(algo);
     Fixture {
         expected: SafetensorsFile::open(dir.join("expected.safetensors")).unwrap(),
@@ -98,6 +103,13 @@ fn load_dspark(f: &Fixture) -> (DSparkModel<B>, DrafterConfig) {
     }
 }
 
+fn load_gemma4(f: &Fixture) -> (DSparkGemma4Model<B>, DrafterConfig) {
+    match Drafter::<B>::load(&f.dir, &Default::default()).unwrap() {
+        (Drafter::DSparkGemma4(m), c) => (m, c),
+        _ => panic!("{} is not a Gemma4 DSpark/DFlash drafter", f.dir.display()),
+    }
+}
+
 fn layout_of(f: &Fixture, config: &DrafterConfig) -> (Anchors, BlockLayout) {
     let anchors = fixed_anchors(f, config.num_anchors);
     let layout = build_blocks(
@@ -110,10 +122,9 @@ fn layout_of(f: &Fixture, config: &DrafterConfig) -> (Anchors, BlockLayout) {
     (anchors, layout)
 }
 
-fn check_blocks(algo: &str) {
-    let f = fixture(algo);
+fn check_blocks(f: &Fixture) {
     let config = DrafterConfig::from_file(&f.dir.join("config.json")).unwrap();
-    let (anchors, layout) = layout_of(&f, &config);
+    let (anchors, layout) = layout_of(f, &config);
     let flat_keep: Vec<i64> = anchors.keep.iter().flatten().map(|&k| k as i64).collect();
     assert_eq!(flat_keep, ints(&f.expected, "block_keep_mask"));
     assert_eq!(
@@ -173,10 +184,14 @@ fn check_blocks(algo: &str) {
     }
 }
 
-fn check_logits(algo: &str) {
-    let f = fixture(algo);
-    let (model, config) = load_dspark(&f);
-    let (_, layout) = layout_of(&f, &config);
+fn check_logits<M: BlockDrafter<B>>(
+    algo: &str,
+    f: &Fixture,
+    model: &M,
+    config: &DrafterConfig,
+    tol: f32,
+) {
+    let (_, layout) = layout_of(f, config);
     let device = Default::default();
     let b = f.batch.batch();
     let slots = layout.num_blocks * layout.block_size;
@@ -217,7 +232,7 @@ fn check_logits(algo: &str) {
         &format!("{algo} backbone_hidden"),
         &to_host(heads.hidden.clone()).data,
         &f.expected.f32("backbone_hidden").unwrap().data,
-        1e-5,
+        tol,
     );
     let head = model.head();
     if f.expected.info("base_draft_logits").is_some() {
@@ -226,14 +241,14 @@ fn check_logits(algo: &str) {
             &format!("{algo} base_draft_logits"),
             &to_host(base).data,
             &f.expected.f32("base_draft_logits").unwrap().data,
-            1e-5,
+            tol,
         );
     }
     assert_abs(
         &format!("{algo} draft_logits"),
         &to_host(heads.logits(&head)).data,
         &f.expected.f32("draft_logits").unwrap().data,
-        1e-5,
+        tol,
     );
     match (
         heads.confidence,
@@ -243,7 +258,7 @@ fn check_logits(algo: &str) {
             &format!("{algo} confidence_pred"),
             &to_host(conf).data,
             &f.expected.f32("confidence_pred").unwrap().data,
-            1e-5,
+            tol,
         ),
         (None, false) => {}
         (got, _) => panic!(
@@ -389,9 +404,10 @@ where
     }
 }
 
-fn check_dspark_loss(algo: &str) {
-    let f = fixture(algo);
-    let (model, config) = load_dspark(&f);
+fn check_dspark_loss<M>(algo: &str, f: Fixture, model: M, config: DrafterConfig)
+where
+    M: BlockDrafter<B> + burn::module::AutodiffModule<B> + Clone,
+{
     let (_, layout) = layout_of(&f, &config);
     let cfg = loss_config(&f.step);
     let mut batch = f.batch.clone();
@@ -455,34 +471,90 @@ fn check_dspark_loss(algo: &str) {
     check_backward_and_step(&f, model, loss.total);
 }
 
+fn qwen3_logits(algo: &str) {
+    let f = fixture(algo);
+    let (model, config) = load_dspark(&f);
+    check_logits(algo, &f, &model, &config, 1e-5);
+}
+
+fn qwen3_loss(algo: &str) {
+    let f = fixture(algo);
+    let (model, config) = load_dspark(&f);
+    check_dspark_loss(algo, f, model, config);
+}
+
+fn gemma4_logits(algo: &str) {
+    let f = fixture_in(golden_gemma4_dir(), algo);
+    let (model, config) = load_gemma4(&f);
+    // The Gemma4 fixtures' own f32 logits sit up to 8.7e-6 from their float64 recompute
+    // (their README): twice that is the f32 noise floor here.
+    check_logits(algo, &f, &model, &config, 2e-5);
+}
+
+fn gemma4_loss(algo: &str) {
+    let f = fixture_in(golden_gemma4_dir(), algo);
+    let (model, config) = load_gemma4(&f);
+    check_dspark_loss(algo, f, model, config);
+}
+
 #[test]
 fn golden_dspark_blocks() {
-    check_blocks("dspark");
+    check_blocks(&fixture("dspark"));
 }
 
 #[test]
 fn golden_dflash_blocks() {
-    check_blocks("dflash");
+    check_blocks(&fixture("dflash"));
 }
 
 #[test]
 fn golden_dspark_logits() {
-    check_logits("dspark");
+    qwen3_logits("dspark");
 }
 
 #[test]
 fn golden_dflash_logits() {
-    check_logits("dflash");
+    qwen3_logits("dflash");
 }
 
 #[test]
 fn golden_dspark_loss_gradients_and_step() {
-    check_dspark_loss("dspark");
+    qwen3_loss("dspark");
 }
 
 #[test]
 fn golden_dflash_loss_gradients_and_step() {
-    check_dspark_loss("dflash");
+    qwen3_loss("dflash");
+}
+
+#[test]
+fn golden_gemma4_dspark_blocks() {
+    check_blocks(&fixture_in(golden_gemma4_dir(), "dspark"));
+}
+
+#[test]
+fn golden_gemma4_dflash_blocks() {
+    check_blocks(&fixture_in(golden_gemma4_dir(), "dflash"));
+}
+
+#[test]
+fn golden_gemma4_dspark_logits() {
+    gemma4_logits("dspark");
+}
+
+#[test]
+fn golden_gemma4_dflash_logits() {
+    gemma4_logits("dflash");
+}
+
+#[test]
+fn golden_gemma4_dspark_loss_gradients_and_step() {
+    gemma4_loss("dspark");
+}
+
+#[test]
+fn golden_gemma4_dflash_loss_gradients_and_step() {
+    gemma4_loss("dflash");
 }
 
 #[test]

@@ -83,6 +83,7 @@ fn preset_config(preset: Preset) -> deepspec_core::model::TargetConfig {
         num_key_value_heads: kv,
         head_dim,
         rope_theta: theta,
+        partial_rotary_factor: 1.0,
         rms_norm_eps: eps,
         tie_word_embeddings: true,
         attention_bias: false,

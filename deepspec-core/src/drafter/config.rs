@@ -92,6 +92,9 @@ pub struct DrafterConfig {
     pub dtype: String,
     /// A DeepSeek-V4 DSpark drafter: the target's V4 architecture and the drafter's own keys.
     pub v4: Option<(V4Config, DSparkV4Keys)>,
+    /// A Gemma4 drafter (`model_type: gemma4_text`): the target's Gemma4 settings, with the
+    /// drafter's own layer count.
+    pub gemma4: Option<crate::model::gemma4::Gemma4Config>,
 }
 
 impl DrafterConfig {
@@ -168,9 +171,13 @@ impl DrafterConfig {
             dtype,
             json: obj.clone(),
             v4: None,
+            gemma4: None,
         };
+        if crate::model::gemma4::Gemma4Config::is_gemma4(&json) {
+            config.gemma4 = Some(crate::model::gemma4::Gemma4Config::from_value(path, &json)?);
+        }
         match arch.as_str() {
-            "Qwen3DSparkModel" => {
+            "Qwen3DSparkModel" | "Gemma4DSparkModel" => {
                 config.block_size = uint("block_size", None)? as usize;
                 config.mask_token_id = Some(uint("mask_token_id", None)? as u32);
                 config.num_anchors = uint("num_anchors", Some(512))? as usize;
@@ -208,6 +215,12 @@ impl DrafterConfig {
                     Algorithm::DFlash
                 };
             }
+            "Gemma4Eagle3Model" => {
+                return Err(field(
+                    "architectures",
+                    "Gemma4Eagle3Model drafters do not load here yet (Gemma4DSparkModel, DSpark and DFlash, do)",
+                ))
+            }
             "Qwen3Eagle3Model" | "Eagle3DraftModel" => {
                 config.algorithm = Algorithm::Eagle3;
                 config.block_size = uint("ttt_length", Some(7))? as usize;
@@ -225,7 +238,7 @@ impl DrafterConfig {
             other => {
                 return Err(field(
                     "architectures",
-                    &format!("`{other}` is not supported (Qwen3DSparkModel, Qwen3Eagle3Model)"),
+                    &format!("`{other}` is not supported (Qwen3DSparkModel, Qwen3Eagle3Model, Gemma4DSparkModel)"),
                 ))
             }
         }
@@ -338,6 +351,7 @@ impl DrafterConfig {
                     confidence_with_markov,
                 },
             )),
+            gemma4: None,
         })
     }
 

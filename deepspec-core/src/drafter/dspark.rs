@@ -86,53 +86,7 @@ impl<B: Backend> DSparkModel<B> {
         let layers = (0..c.num_hidden_layers)
             .map(|i| decoder_layer(src, &format!("layers.{i}"), config, h, device))
             .collect::<Result<Vec<_>, _>>()?;
-        let markov_head = if config.markov_rank > 0 {
-            let r = config.markov_rank;
-            let v = c.vocab_size;
-            Some(MarkovHead {
-                markov_w1: Embedding::new(param_from_host(
-                    src.tensor_shaped("markov_head.markov_w1.weight", &[v, r])?,
-                    device,
-                )),
-                markov_w2: linear_from(src, "markov_head.markov_w2", v, r, false, device)?,
-                gate_proj: match config.markov_kind {
-                    MarkovKind::Gated => Some(linear_from(
-                        src,
-                        "markov_head.gate_proj",
-                        r,
-                        h + r,
-                        true,
-                        device,
-                    )?),
-                    _ => None,
-                },
-                joint_proj: match config.markov_kind {
-                    MarkovKind::Rnn => Some(linear_from(
-                        src,
-                        "markov_head.joint_proj",
-                        3 * r,
-                        2 * r + h,
-                        true,
-                        device,
-                    )?),
-                    _ => None,
-                },
-            })
-        } else {
-            None
-        };
-        let confidence_head = if config.confidence_head {
-            let width = if config.confidence_with_markov {
-                h + config.markov_rank
-            } else {
-                h
-            };
-            Some(ConfidenceHead {
-                proj: linear_from(src, "confidence_head.proj", 1, width, true, device)?,
-            })
-        } else {
-            None
-        };
+        let (markov_head, confidence_head) = block_heads(src, config, device)?;
         let (embed_tokens, lm_head) = frozen_embedding_and_head(src, config, device)?;
         Ok(DSparkModel {
             embed_tokens,
@@ -160,6 +114,7 @@ impl<B: Backend> DSparkModel<B> {
         HeadWeights {
             lm_head: self.lm_head.weight.val(),
             markov_w2: self.markov_head.as_ref().map(|m| m.markov_w2.weight.val()),
+            softcap: None,
         }
     }
 
@@ -235,26 +190,102 @@ impl<B: Backend> DSparkModel<B> {
             },
         );
         let hidden: Tensor<B, 4> = out.reshape([b, n, k, self.hidden_size()]);
-        let (markov, prev_embedding) = match &self.markov_head {
+        BlockFeatures::with_heads(
+            hidden,
+            self.markov_head.as_ref(),
+            self.confidence_head.as_ref(),
+            blocks.prev_tokens.clone(),
+        )
+    }
+}
+
+/// A block drafter's Markov and confidence heads, either absent.
+pub(crate) type BlockHeads<B> = (Option<MarkovHead<B>>, Option<ConfidenceHead<B>>);
+
+/// The Markov and confidence heads a DSpark config asks for (`markov_head.*`,
+/// `confidence_head.*`); DFlash has neither.
+pub(crate) fn block_heads<B: Backend>(
+    src: &dyn WeightSource,
+    config: &DrafterConfig,
+    device: &B::Device,
+) -> Result<BlockHeads<B>, LoadError> {
+    let c = &config.base;
+    let h = c.hidden_size;
+    let markov_head = if config.markov_rank > 0 {
+        let r = config.markov_rank;
+        let v = c.vocab_size;
+        Some(MarkovHead {
+            markov_w1: Embedding::new(param_from_host(
+                src.tensor_shaped("markov_head.markov_w1.weight", &[v, r])?,
+                device,
+            )),
+            markov_w2: linear_from(src, "markov_head.markov_w2", v, r, false, device)?,
+            gate_proj: match config.markov_kind {
+                MarkovKind::Gated => Some(linear_from(
+                    src,
+                    "markov_head.gate_proj",
+                    r,
+                    h + r,
+                    true,
+                    device,
+                )?),
+                _ => None,
+            },
+            joint_proj: match config.markov_kind {
+                MarkovKind::Rnn => Some(linear_from(
+                    src,
+                    "markov_head.joint_proj",
+                    3 * r,
+                    2 * r + h,
+                    true,
+                    device,
+                )?),
+                _ => None,
+            },
+        })
+    } else {
+        None
+    };
+    let confidence_head = if config.confidence_head {
+        let width = if config.confidence_with_markov {
+            h + config.markov_rank
+        } else {
+            h
+        };
+        Some(ConfidenceHead {
+            proj: linear_from(src, "confidence_head.proj", 1, width, true, device)?,
+        })
+    } else {
+        None
+    };
+    Ok((markov_head, confidence_head))
+}
+
+impl<B: Backend> BlockFeatures<B> {
+    /// The heads on a block's post-norm output `hidden [b, N, k, H]`: the Markov features of
+    /// each slot's previous token `prev_tokens [b, N, k]` and the confidence logits.
+    pub fn with_heads(
+        hidden: Tensor<B, 4>,
+        markov_head: Option<&MarkovHead<B>>,
+        confidence_head: Option<&ConfidenceHead<B>>,
+        prev_tokens: Tensor<B, 3, Int>,
+    ) -> Self {
+        let (markov, prev_embedding) = match markov_head {
             Some(head) => {
-                let e = head.embed_prev(blocks.prev_tokens.clone());
+                let e = head.embed_prev(prev_tokens);
                 (Some(head.features(e.clone(), hidden.clone())), Some(e))
             }
             None => (None, None),
         };
-        let confidence = self
-            .confidence_head
-            .as_ref()
-            .map(|head| head.forward::<4, 3>(hidden.clone(), prev_embedding));
+        let confidence =
+            confidence_head.map(|head| head.forward::<4, 3>(hidden.clone(), prev_embedding));
         BlockFeatures {
             hidden,
             markov,
             confidence,
         }
     }
-}
 
-impl<B: Backend> BlockFeatures<B> {
     /// Dense draft logits `[b, N, k, V]` = `lm_head(hidden)` + the Markov bias: the whole
     /// vocabulary for every slot, for inspection and tests (training goes through the
     /// chunked seam instead).

@@ -283,6 +283,7 @@ impl<B: Backend> BlockDrafter<B> for DSparkV4Model<B> {
                 .markov_head
                 .as_ref()
                 .map(|m| m.markov_w2.weight.val()),
+            softcap: None,
         }
     }
 

@@ -115,6 +115,7 @@ impl<B: Backend> Eagle3Model<B> {
         HeadWeights {
             lm_head: self.lm_head.weight.val(),
             markov_w2: None,
+            softcap: None,
         }
     }
 

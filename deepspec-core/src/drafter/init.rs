@@ -54,6 +54,7 @@ fn target_json(target_path: &Path, config: &TargetConfig) -> Result<Map<String, 
         Family::Qwen3 => "qwen3",
         Family::Llama => "llama",
         Family::DeepseekV4 => "deepseek_v4",
+        Family::Gemma4 => "gemma4_text",
     };
     let value = json!({
         "model_type": model_type,

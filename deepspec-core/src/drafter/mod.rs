@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod dspark;
+pub mod dspark_gemma4;
 pub mod dspark_v4;
 pub mod eagle3;
 pub mod heads;
@@ -13,6 +14,7 @@ pub mod layout;
 
 pub use config::{Algorithm, DrafterConfig, MarkovKind};
 pub use dspark::{BlockDraft, BlockFeatures, BlockInputs, DSparkModel};
+pub use dspark_gemma4::DSparkGemma4Model;
 pub use dspark_v4::{DSparkV4Keys, DSparkV4Model};
 pub use eagle3::Eagle3Model;
 
@@ -121,6 +123,9 @@ pub struct HeadWeights<B: Backend> {
     pub lm_head: Tensor<B, 2>,
     /// `[V, r]`
     pub markov_w2: Option<Tensor<B, 2>>,
+    /// Gemma4's final logit soft-cap `c`: logits are `c · tanh(lm_head(h) / c)` (the target's
+    /// too), and the Markov bias is added after the cap.
+    pub softcap: Option<f64>,
 }
 
 impl<B: Backend> HeadWeights<B> {
@@ -128,13 +133,13 @@ impl<B: Backend> HeadWeights<B> {
         self.lm_head.dims()[0]
     }
 
-    /// `lm_head(hidden)`: `[.., H] -> [.., V]`.
+    /// `lm_head(hidden)`, soft-capped where the family caps: `[.., H] -> [.., V]`.
     pub fn base_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
-        times_transposed(hidden, self.lm_head.clone())
+        crate::model::gemma4::softcap(times_transposed(hidden, self.lm_head.clone()), self.softcap)
     }
 
-    /// Dense draft logits over the whole vocabulary, `[.., V]`: `lm_head(hidden)` plus the
-    /// Markov bias `markov_w2 · f` for features `markov [.., r]` when both exist.
+    /// Dense draft logits over the whole vocabulary, `[.., V]`: the (capped) `lm_head(hidden)`
+    /// plus the Markov bias `markov_w2 · f` for features `markov [.., r]` when both exist.
     pub fn logits<const D: usize>(
         &self,
         hidden: Tensor<B, D>,
@@ -204,6 +209,7 @@ pub enum Drafter<B: Backend> {
     DSpark(DSparkModel<B>),
     Eagle3(Eagle3Model<B>),
     DSparkV4(DSparkV4Model<B>),
+    DSparkGemma4(DSparkGemma4Model<B>),
 }
 
 /// Every float parameter of a module with its checkpoint key (its module path).
@@ -250,7 +256,12 @@ impl<B: Backend> ModuleVisitor<B> for Collector<B> {
 /// its model in.
 fn checkpoint_key(path: &[String]) -> String {
     path.iter()
-        .filter(|p| !matches!(p.as_str(), "DSpark" | "Eagle3" | "DSparkV4"))
+        .filter(|p| {
+            !matches!(
+                p.as_str(),
+                "DSpark" | "Eagle3" | "DSparkV4" | "DSparkGemma4"
+            )
+        })
         .cloned()
         .collect::<Vec<_>>()
         .join(".")
@@ -346,6 +357,11 @@ impl<B: Backend> Drafter<B> {
         if config.v4.is_some() {
             return Ok(Drafter::DSparkV4(DSparkV4Model::load(
                 src, src, config, device,
+            )?));
+        }
+        if config.gemma4.is_some() {
+            return Ok(Drafter::DSparkGemma4(DSparkGemma4Model::load(
+                src, config, device,
             )?));
         }
         Ok(match config.algorithm {

@@ -17,6 +17,13 @@ pub enum Family {
     /// the target itself.
     #[serde(rename = "deepseek_v4")]
     DeepseekV4,
+    /// Gemma4's text model (`model::gemma4`); a drafter's base config holds its
+    /// full-attention settings (the only layer type a Gemma4 drafter has).
+    Gemma4,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -30,6 +37,10 @@ pub struct TargetConfig {
     pub num_key_value_heads: usize,
     pub head_dim: usize,
     pub rope_theta: f64,
+    /// The share of each head's frequency pairs RoPE turns (Gemma4's "proportional" RoPE);
+    /// 1 everywhere else.
+    #[serde(default = "one")]
+    pub partial_rotary_factor: f64,
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
     pub attention_bias: bool,
@@ -55,6 +66,9 @@ impl TargetConfig {
                 .ok_or_else(|| LoadError::field(path, key, "missing or not an unsigned integer"))
         };
         let model_type = json["model_type"].as_str().unwrap_or_default();
+        if matches!(model_type, "gemma4" | "gemma4_text") {
+            return Self::from_gemma4(path, json);
+        }
         let family = match model_type {
             "qwen3" => Family::Qwen3,
             "llama" | "mistral" => Family::Llama,
@@ -64,7 +78,7 @@ impl TargetConfig {
                     path,
                     "model_type",
                     format!(
-                        "`{other}` is not supported (supported: qwen3, llama, mistral, deepseek_v4)"
+                        "`{other}` is not supported (supported: qwen3, llama, mistral, deepseek_v4, gemma4)"
                     ),
                 ))
             }
@@ -127,6 +141,7 @@ impl TargetConfig {
                 .unwrap_or(num_attention_heads),
             head_dim,
             rope_theta,
+            partial_rotary_factor: 1.0,
             rms_norm_eps: json["rms_norm_eps"].as_f64().unwrap_or(1e-6),
             tie_word_embeddings: json["tie_word_embeddings"].as_bool().unwrap_or(false),
             attention_bias: json["attention_bias"].as_bool().unwrap_or(false),
@@ -136,6 +151,31 @@ impl TargetConfig {
                 .unwrap_or(4096),
             bos_token_id: json["bos_token_id"].as_u64().map(|v| v as u32),
             eos_token_ids,
+        })
+    }
+
+    /// A Gemma4 config (`gemma4` with `text_config`, or `gemma4_text`): sizes, and the
+    /// full-attention layers' head dim, KV heads and RoPE (a drafter's layers are all
+    /// full-attention; the target's own layers read [`crate::model::gemma4::Gemma4Config`]).
+    fn from_gemma4(path: &Path, json: &Value) -> Result<Self, LoadError> {
+        let g = crate::model::gemma4::Gemma4Config::from_value(path, json)?;
+        Ok(TargetConfig {
+            family: Family::Gemma4,
+            vocab_size: g.vocab_size,
+            hidden_size: g.hidden_size,
+            intermediate_size: g.intermediate_size,
+            num_hidden_layers: g.num_hidden_layers,
+            num_attention_heads: g.num_attention_heads,
+            num_key_value_heads: g.num_global_key_value_heads,
+            head_dim: g.global_head_dim,
+            rope_theta: g.rope_full.theta,
+            partial_rotary_factor: g.rope_full.partial_rotary_factor,
+            rms_norm_eps: g.rms_norm_eps,
+            tie_word_embeddings: g.tie_word_embeddings,
+            attention_bias: false,
+            max_position_embeddings: 4096,
+            bos_token_id: g.bos_token_id,
+            eos_token_ids: g.eos_token_ids,
         })
     }
 
@@ -192,6 +232,7 @@ impl TargetConfig {
                 .map(|v| v as usize)
                 .unwrap_or(hidden_size / heads),
             rope_theta: f64_or("rope.freq_base", 10000.0),
+            partial_rotary_factor: 1.0,
             rms_norm_eps: f64_or("attention.layer_norm_rms_epsilon", 1e-5),
             tie_word_embeddings: !has_output,
             attention_bias: false,

@@ -47,12 +47,7 @@ impl RopeSetting {
     /// The rotary tables' frequencies for head dim `d`: `theta^(-2i/d)`, zero past the
     /// rotated pairs (those channels are left as they are).
     pub fn rope(&self, d: usize) -> Rope {
-        let mut rope = Rope::new(self.theta, d);
-        let rotated = (self.partial_rotary_factor * d as f64 / 2.0).floor() as usize;
-        for f in rope.inv_freq.iter_mut().skip(rotated) {
-            *f = 0.0;
-        }
-        rope
+        Rope::partial(self.theta, d, self.partial_rotary_factor)
     }
 }
 

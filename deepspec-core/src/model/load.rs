@@ -60,6 +60,13 @@ pub fn load_target<B: Backend>(
                 "DeepSeek-V4 targets do not run in deepspec: train its DSpark drafter from a cache captured by your serving engine (the trainer reads only embed.weight and head.weight from this folder)".to_string(),
             ));
         }
+        if config.family == Family::Gemma4 {
+            return Err(LoadError::field(
+                path.join("config.json"),
+                "model_type",
+                "Gemma4 targets do not run in prepare, train or eval yet (model::gemma4 reproduces their forward in the golden tests): capture the cache with your serving engine (`deepspec cache import-vllm`) and score drafters with `deepspec eval --offline`".to_string(),
+            ));
+        }
         let weights = SafetensorsCheckpoint::open_dir(path)?;
         let tokenizer = Tok::from_hf_dir(path)?;
         (build_target(&weights, &config, device)?, config, tokenizer)
@@ -136,7 +143,7 @@ pub fn build_target<B: Backend>(
                     eps,
                     device,
                 )?)),
-                Family::Llama | Family::DeepseekV4 => Ok(None),
+                Family::Llama | Family::DeepseekV4 | Family::Gemma4 => Ok(None),
             }
         };
         let bias = config.attention_bias;

@@ -19,6 +19,17 @@ impl Rope {
         Rope { inv_freq, head_dim }
     }
 
+    /// Gemma4's "proportional" RoPE: the first `floor(factor · d / 2)` frequency pairs turn
+    /// as [`Rope::new`]'s, the rest not at all (frequency 0). `factor = 1` is `new`.
+    pub fn partial(theta: f64, head_dim: usize, factor: f64) -> Self {
+        let mut rope = Rope::new(theta, head_dim);
+        let rotated = (factor * head_dim as f64 / 2.0).floor() as usize;
+        for f in rope.inv_freq.iter_mut().skip(rotated) {
+            *f = 0.0;
+        }
+        rope
+    }
+
     /// cos and sin tables `[batch, 1, seq, head_dim]` for per-row positions
     /// (`positions[b][s]`; negative positions — padding — get position 0).
     pub fn tables<B: Backend>(

@@ -251,6 +251,6 @@ impl<B: Backend> TargetModel<B> {
 
 impl TargetConfig {
     pub fn rope(&self) -> Rope {
-        Rope::new(self.rope_theta, self.head_dim)
+        Rope::partial(self.rope_theta, self.head_dim, self.partial_rotary_factor)
     }
 }

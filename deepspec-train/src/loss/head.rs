@@ -243,12 +243,24 @@ pub fn chunk_values_and_grads<B: Backend>(
     )
 }
 
+/// `c · tanh(z / c)` and its slope `1 − tanh²(z / c)`, or `z` unchanged without a cap.
+fn capped<B: Backend>(z: Tensor<B, 2>, cap: Option<f64>) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+    match cap {
+        Some(c) => {
+            let t = (z / c).tanh();
+            (t.clone() * c, Some(t.powi_scalar(2).neg() + 1.0))
+        }
+        None => (z, None),
+    }
+}
+
 fn compute<B: Backend>(input: &HeadLossInput<B>, plan: &HeadPlan) -> Computed<B> {
     let device = input.hidden.device();
     let [n, h] = input.hidden.dims();
     assert_eq!(n, plan.num_rows, "head loss: plan rows vs hidden rows");
     let w = input.head.lm_head.clone();
     let w2 = input.head.markov_w2.clone();
+    let cap = input.head.softcap.filter(|&c| c > 0.0);
     let markov = input.markov.clone().filter(|_| w2.is_some());
     let r = markov.as_ref().map_or(0, |m| m.dims()[1]);
     let mut values = Vec::with_capacity(plan.chunks.len() + 1);
@@ -259,7 +271,9 @@ fn compute<B: Backend>(input: &HeadLossInput<B>, plan: &HeadPlan) -> Computed<B>
     for chunk in &plan.chunks {
         let rows = ints::<B>(&chunk.rows, &device);
         let x = input.hidden.clone().select(0, rows.clone());
-        let mut logits = x.matmul(w.clone().transpose());
+        // Gemma4 caps `x·Wᵀ` (both the draft's and the target's) before the Markov bias;
+        // `cap_slope` is the cap's derivative, which the hidden-state gradient carries.
+        let (mut logits, cap_slope) = capped(x.matmul(w.clone().transpose()), cap);
         let f = markov.as_ref().map(|m| m.clone().select(0, rows.clone()));
         if let (Some(f), Some(w2)) = (&f, &w2) {
             logits = logits + f.clone().matmul(w2.clone().transpose());
@@ -268,7 +282,7 @@ fn compute<B: Backend>(input: &HeadLossInput<B>, plan: &HeadPlan) -> Computed<B>
             .target_hidden
             .clone()
             .select(0, ints::<B>(&chunk.target_rows, &device));
-        let mut target_probs = softmax(target.matmul(w.clone().transpose()), 1);
+        let mut target_probs = softmax(capped(target.matmul(w.clone().transpose()), cap).0, 1);
         let identity = chunk.target_rows.len() == chunk.rows.len();
         if !identity {
             target_probs = target_probs.select(0, ints::<B>(&chunk.local, &device));
@@ -283,7 +297,11 @@ fn compute<B: Backend>(input: &HeadLossInput<B>, plan: &HeadPlan) -> Computed<B>
         );
         values.push(v);
         total = total + t;
-        grad_rows.push(dz.clone().matmul(w.clone()));
+        let dz_uncapped = match cap_slope {
+            Some(slope) => dz.clone() * slope,
+            None => dz.clone(),
+        };
+        grad_rows.push(dz_uncapped.matmul(w.clone()));
         if let (Some(f), Some(w2)) = (f, &w2) {
             grad_markov_rows.push(dz.clone().matmul(w2.clone()));
             let g = dz.transpose().matmul(f);
@@ -340,6 +358,7 @@ impl<B: Backend, C: CheckpointStrategy> HeadLossBackend for Autodiff<B, C> {
                 head: HeadWeights {
                     lm_head: inner(input.head.lm_head.clone()),
                     markov_w2: input.head.markov_w2.clone().map(inner),
+                    softcap: input.head.softcap,
                 },
                 target_hidden: inner(input.target_hidden.clone()),
                 labels: input.labels.clone().map(|l| l.inner()),
@@ -470,6 +489,7 @@ mod tests {
                 head: HeadWeights {
                     lm_head: w,
                     markov_w2: Some(w2.clone()),
+                    softcap: None,
                 },
                 target_hidden: t,
                 labels: Some(labels),
