@@ -179,15 +179,18 @@ fn golden_gemma4_target_cached_features() {
 }
 
 /// A Gemma4 drafter checkpoint written here has the reference's keys, shapes and values and
-/// its config fields, for DSpark and DFlash.
+/// its config fields, for DSpark, DFlash and Eagle3.
 #[test]
 fn golden_gemma4_drafter_checkpoint_round_trip() {
     use deepspec_core::drafter::{Drafter, DrafterConfig};
-    for algo in ["dspark", "dflash"] {
+    for algo in ["dspark", "dflash", "eagle3"] {
         let dir = golden_gemma4_dir().join(algo);
         let device = Default::default();
         let (drafter, config) = Drafter::<B>::load(&dir, &device).unwrap();
-        assert!(matches!(drafter, Drafter::DSparkGemma4(_)), "{algo}");
+        assert!(
+            matches!(drafter, Drafter::DSparkGemma4(_) | Drafter::Eagle3Gemma4(_)),
+            "{algo}"
+        );
         let out = tempfile::tempdir().unwrap();
         drafter.save(out.path(), &config).unwrap();
         let theirs = SafetensorsFile::open(dir.join("model.safetensors")).unwrap();

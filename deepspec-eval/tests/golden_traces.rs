@@ -72,7 +72,7 @@ fn new_proposer<'m>(drafter: &'m Drafter<B>, config: &DrafterConfig) -> Box<dyn 
             config.mask_token_id.unwrap(),
         )),
         Drafter::Eagle3(m) => Box::new(Eagle3Proposer::new(m, rope, config.block_size)),
-        Drafter::DSparkV4(_) | Drafter::DSparkGemma4(_) => {
+        Drafter::DSparkV4(_) | Drafter::DSparkGemma4(_) | Drafter::Eagle3Gemma4(_) => {
             unreachable!("the golden fixtures hold Qwen3 drafters")
         }
     }

@@ -274,7 +274,7 @@ fn round_from(
 /// Eagle3's rounds in one batch: one per position supervised at step 0, its slots the
 /// unrolled steps while they stay supervised.
 fn eagle3_rounds<B: AutodiffBackend + HeadLossBackend>(
-    model: &deepspec_core::drafter::Eagle3Model<B>,
+    model: &impl deepspec_core::drafter::Eagle3Drafter<B>,
     config: &DrafterConfig,
     batch: &mut TrainBatch,
     first_sample: usize,
@@ -358,6 +358,7 @@ pub fn offline_eval<B: AutodiffBackend + HeadLossBackend>(
             Drafter::DSparkV4(m) => block_rounds(m, config, &mut batch, start, &mut rng, opts),
             Drafter::DSparkGemma4(m) => block_rounds(m, config, &mut batch, start, &mut rng, opts),
             Drafter::Eagle3(m) => eagle3_rounds(m, config, &mut batch, start, opts),
+            Drafter::Eagle3Gemma4(m) => eagle3_rounds(m, config, &mut batch, start, opts),
         };
         for round in &rounds {
             stats.add(round);

@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
-use deepspec_core::drafter::{BlockDrafter, Drafter, DrafterConfig};
+use deepspec_core::drafter::{BlockDrafter, Drafter, DrafterConfig, Eagle3Drafter};
 use deepspec_core::io::lock::lock_folder;
 use deepspec_core::progress::{Progress, ProgressMode};
 use deepspec_core::sampling::Rng;
@@ -78,24 +78,26 @@ pub fn micro_loss<B: AutodiffBackend + HeadLossBackend>(
 ) -> (Tensor<B, 1>, DeviceMetrics<B>, usize) {
     let rope = config.base.rope();
     let chunk = settings.head_chunk_tokens;
+    let eagle3 = |model: &dyn Eagle3Drafter<B>| {
+        let loss = eagle3_loss(
+            model,
+            &rope,
+            batch,
+            features,
+            config.block_size,
+            config.step_loss_decay,
+            chunk,
+        );
+        (loss.total, loss.metrics, loss.supervised)
+    };
     match drafter {
         Drafter::DSpark(model) => block_micro_loss(model, config, batch, features, rng, settings),
         Drafter::DSparkV4(model) => block_micro_loss(model, config, batch, features, rng, settings),
         Drafter::DSparkGemma4(model) => {
             block_micro_loss(model, config, batch, features, rng, settings)
         }
-        Drafter::Eagle3(model) => {
-            let loss = eagle3_loss(
-                model,
-                &rope,
-                batch,
-                features,
-                config.block_size,
-                config.step_loss_decay,
-                chunk,
-            );
-            (loss.total, loss.metrics, loss.supervised)
-        }
+        Drafter::Eagle3(model) => eagle3(model),
+        Drafter::Eagle3Gemma4(model) => eagle3(model),
     }
 }
 

@@ -215,13 +215,7 @@ impl DrafterConfig {
                     Algorithm::DFlash
                 };
             }
-            "Gemma4Eagle3Model" => {
-                return Err(field(
-                    "architectures",
-                    "Gemma4Eagle3Model drafters do not load here yet (Gemma4DSparkModel, DSpark and DFlash, do)",
-                ))
-            }
-            "Qwen3Eagle3Model" | "Eagle3DraftModel" => {
+            "Qwen3Eagle3Model" | "Eagle3DraftModel" | "Gemma4Eagle3Model" => {
                 config.algorithm = Algorithm::Eagle3;
                 config.block_size = uint("ttt_length", Some(7))? as usize;
                 config.step_loss_decay = obj
@@ -238,7 +232,7 @@ impl DrafterConfig {
             other => {
                 return Err(field(
                     "architectures",
-                    &format!("`{other}` is not supported (Qwen3DSparkModel, Qwen3Eagle3Model, Gemma4DSparkModel)"),
+                    &format!("`{other}` is not supported (Qwen3DSparkModel, Qwen3Eagle3Model, Gemma4DSparkModel, Gemma4Eagle3Model)"),
                 ))
             }
         }

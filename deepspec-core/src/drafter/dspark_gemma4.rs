@@ -46,11 +46,13 @@ pub struct DSparkGemma4Model<B: Backend> {
     pub softcap: Option<f64>,
 }
 
-fn layer<B: Backend>(
+/// Drafter layer `i` (`p = layers.<i>`): full attention reading `input_width` features.
+pub(crate) fn layer<B: Backend>(
     src: &dyn WeightSource,
     p: &str,
     g: &Gemma4Config,
     i: usize,
+    input_width: usize,
     device: &B::Device,
 ) -> Result<Gemma4Layer<B>, LoadError> {
     let (h, eps) = (g.hidden_size, g.rms_norm_eps);
@@ -65,12 +67,12 @@ fn layer<B: Backend>(
     Ok(Gemma4Layer {
         input_layernorm: norm("input_layernorm", h)?,
         self_attn: Gemma4Attention {
-            q_proj: lin("self_attn.q_proj", heads * d, h)?,
-            k_proj: Some(lin("self_attn.k_proj", kv_heads * d, h)?),
+            q_proj: lin("self_attn.q_proj", heads * d, input_width)?,
+            k_proj: Some(lin("self_attn.k_proj", kv_heads * d, input_width)?),
             v_proj: if g.k_eq_v(LayerType::Full) {
                 None
             } else {
-                Some(lin("self_attn.v_proj", kv_heads * d, h)?)
+                Some(lin("self_attn.v_proj", kv_heads * d, input_width)?)
             },
             o_proj: lin("self_attn.o_proj", h, heads * d)?,
             q_norm: norm("self_attn.q_norm", d)?,
@@ -108,7 +110,7 @@ impl<B: Backend> DSparkGemma4Model<B> {
             .expect("a Gemma4 drafter config carries its Gemma4 settings");
         let (h, eps) = (g.hidden_size, g.rms_norm_eps);
         let layers = (0..g.num_hidden_layers)
-            .map(|i| layer(src, &format!("layers.{i}"), g, i, device))
+            .map(|i| layer(src, &format!("layers.{i}"), g, i, h, device))
             .collect::<Result<Vec<_>, _>>()?;
         let (markov_head, confidence_head) = block_heads(src, config, device)?;
         let (embed_tokens, lm_head) = frozen_embedding_and_head(src, config, device)?;

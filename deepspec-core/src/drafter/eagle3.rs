@@ -187,6 +187,46 @@ impl<B: Backend> Eagle3Model<B> {
     }
 }
 
+/// What the Eagle3 training loss needs from a drafter: the unrolled training forward, the
+/// LM head's input and the head seam's weights (the Qwen3 and the Gemma4 Eagle3 models).
+pub trait Eagle3Drafter<B: Backend> {
+    fn device(&self) -> B::Device;
+    fn head(&self) -> HeadWeights<B>;
+    /// The LM head's input from a pre-norm hidden state.
+    fn head_input(&self, h: Tensor<B, 3>) -> Tensor<B, 3>;
+    /// Each unrolled step's pre-norm output `[b, L, H]` (see [`Eagle3Model::ttt_forward`]).
+    fn ttt_forward(
+        &self,
+        rope: &Rope,
+        ctx_raw: Tensor<B, 3>,
+        input_ids: &[Vec<i64>],
+        lens: &[usize],
+        steps: usize,
+    ) -> Vec<Tensor<B, 3>>;
+}
+
+impl<B: Backend> Eagle3Drafter<B> for Eagle3Model<B> {
+    fn device(&self) -> B::Device {
+        Eagle3Model::device(self)
+    }
+    fn head(&self) -> HeadWeights<B> {
+        Eagle3Model::head(self)
+    }
+    fn head_input(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        Eagle3Model::head_input(self, h)
+    }
+    fn ttt_forward(
+        &self,
+        rope: &Rope,
+        ctx_raw: Tensor<B, 3>,
+        input_ids: &[Vec<i64>],
+        lens: &[usize],
+        steps: usize,
+    ) -> Vec<Tensor<B, 3>> {
+        Eagle3Model::ttt_forward(self, rope, ctx_raw, input_ids, lens, steps)
+    }
+}
+
 /// The Eagle3 layer's inference cache (one row, the shared [`KvCache`]).
 #[derive(Debug, Clone)]
 pub struct Eagle3Cache<B: Backend> {

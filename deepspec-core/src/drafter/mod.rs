@@ -8,6 +8,7 @@ pub mod dspark;
 pub mod dspark_gemma4;
 pub mod dspark_v4;
 pub mod eagle3;
+pub mod eagle3_gemma4;
 pub mod heads;
 pub mod init;
 pub mod layout;
@@ -16,7 +17,8 @@ pub use config::{Algorithm, DrafterConfig, MarkovKind};
 pub use dspark::{BlockDraft, BlockFeatures, BlockInputs, DSparkModel};
 pub use dspark_gemma4::DSparkGemma4Model;
 pub use dspark_v4::{DSparkV4Keys, DSparkV4Model};
-pub use eagle3::Eagle3Model;
+pub use eagle3::{Eagle3Drafter, Eagle3Model};
+pub use eagle3_gemma4::Eagle3Gemma4Model;
 
 use crate::io::safetensors::{write_tensors, Dtype, NamedTensor, SafetensorsCheckpoint};
 use crate::io::{HostTensor, WeightSource};
@@ -210,6 +212,7 @@ pub enum Drafter<B: Backend> {
     Eagle3(Eagle3Model<B>),
     DSparkV4(DSparkV4Model<B>),
     DSparkGemma4(DSparkGemma4Model<B>),
+    Eagle3Gemma4(Eagle3Gemma4Model<B>),
 }
 
 /// Every float parameter of a module with its checkpoint key (its module path).
@@ -259,7 +262,7 @@ fn checkpoint_key(path: &[String]) -> String {
         .filter(|p| {
             !matches!(
                 p.as_str(),
-                "DSpark" | "Eagle3" | "DSparkV4" | "DSparkGemma4"
+                "DSpark" | "Eagle3" | "DSparkV4" | "DSparkGemma4" | "Eagle3Gemma4"
             )
         })
         .cloned()
@@ -360,9 +363,12 @@ impl<B: Backend> Drafter<B> {
             )?));
         }
         if config.gemma4.is_some() {
-            return Ok(Drafter::DSparkGemma4(DSparkGemma4Model::load(
-                src, config, device,
-            )?));
+            return Ok(match config.algorithm {
+                Algorithm::Eagle3 => {
+                    Drafter::Eagle3Gemma4(Eagle3Gemma4Model::load(src, config, device)?)
+                }
+                _ => Drafter::DSparkGemma4(DSparkGemma4Model::load(src, config, device)?),
+            });
         }
         Ok(match config.algorithm {
             Algorithm::DSpark | Algorithm::DFlash => {

@@ -243,21 +243,13 @@ impl Gemma4Config {
             eos_token_ids: ids(&t["eos_token_id"]),
             pad_token_id: t["pad_token_id"].as_u64().map(|v| v as u32),
         };
-        if config.num_kv_shared_layers >= config.num_hidden_layers
-            && config.num_kv_shared_layers > 0
-        {
-            return Err(LoadError::field(
-                path,
-                field("num_kv_shared_layers"),
-                "must leave at least one layer computing its own keys and values",
-            ));
-        }
         Ok(config)
     }
 
     /// The first layer that reads another layer's keys and values.
     pub fn first_kv_shared(&self) -> usize {
-        self.num_hidden_layers - self.num_kv_shared_layers
+        self.num_hidden_layers
+            .saturating_sub(self.num_kv_shared_layers)
     }
 
     /// The layer whose keys and values layer `i` reads: itself, or for a kv-shared layer the
@@ -413,15 +405,33 @@ impl<B: Backend> Gemma4Layer<B> {
     /// `+ post_feedforward_layernorm(mlp(pre_feedforward_layernorm(.)))`, times
     /// `layer_scalar`.
     pub fn finish(&self, h: Tensor<B, 3>, attended: Tensor<B, 4>) -> Tensor<B, 3> {
-        let h = h + self
-            .post_attention_layernorm
-            .forward(self.self_attn.output(attended));
-        let m = self
-            .mlp
-            .forward(self.pre_feedforward_layernorm.forward(h.clone()));
-        let h = h + self.post_feedforward_layernorm.forward(m);
-        h * self.layer_scalar.val().reshape([1, 1, 1])
+        layer_finish(
+            h,
+            self.self_attn.output(attended),
+            &self.post_attention_layernorm,
+            &self.pre_feedforward_layernorm,
+            &self.mlp,
+            &self.post_feedforward_layernorm,
+            &self.layer_scalar,
+        )
     }
+}
+
+/// A Gemma4 layer's second half from the attention output `o [b, s, H]` (after `o_proj`):
+/// `h + post_attention(o)`, `+ post_feedforward(mlp(pre_feedforward(.)))`, times the scalar.
+pub fn layer_finish<B: Backend>(
+    h: Tensor<B, 3>,
+    o: Tensor<B, 3>,
+    post_attention: &RmsNorm<B>,
+    pre_feedforward: &RmsNorm<B>,
+    mlp: &Gemma4Mlp<B>,
+    post_feedforward: &RmsNorm<B>,
+    layer_scalar: &Param<Tensor<B, 1>>,
+) -> Tensor<B, 3> {
+    let h = h + post_attention.forward(o);
+    let m = mlp.forward(pre_feedforward.forward(h.clone()));
+    let h = h + post_feedforward.forward(m);
+    h * layer_scalar.val().reshape([1, 1, 1])
 }
 
 /// What a full forward returns.
@@ -717,6 +727,13 @@ impl<B: Backend> LoadedGemma4<B> {
     /// `model.safetensors` or shards, the tokenizer.
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self, LoadError> {
         let config = Gemma4Config::from_file(&dir.join("config.json"))?;
+        if config.num_kv_shared_layers > 0 && config.first_kv_shared() == 0 {
+            return Err(LoadError::field(
+                dir.join("config.json"),
+                "text_config.num_kv_shared_layers",
+                "must leave at least one layer computing its own keys and values",
+            ));
+        }
         let src = SafetensorsCheckpoint::open_dir(dir)?;
         let model = Gemma4Target::load(&src, &config, "model.language_model.", device)?;
         let tokenizer = Tok::from_hf_dir(dir)?;

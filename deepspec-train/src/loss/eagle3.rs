@@ -1,14 +1,14 @@
 //! The Eagle3 training-time-test loss (the reference's `eagle3_trainer.py`): each unrolled
 //! step's soft cross-entropy against the target's distribution one position further, gated
 //! by the shifted loss mask, normalised by `b·L`, weighted `decay^k`. The forward is the
-//! drafter's ([`Eagle3Model::ttt_forward`]); all steps go through the head seam together, so
+//! drafter's ([`Eagle3Drafter::ttt_forward`]); all steps go through the head seam together, so
 //! each target row's distribution is computed once, not once per step.
 
 use super::head::{head_loss, HeadLossBackend, HeadLossInput, HeadMode, HeadPlan};
 use super::{float, DeviceMetrics};
 use crate::batch::{Features, TrainBatch};
 use burn::tensor::{backend::Backend, Tensor};
-use deepspec_core::drafter::Eagle3Model;
+use deepspec_core::drafter::Eagle3Drafter;
 use deepspec_core::model::rope::Rope;
 
 pub struct Eagle3Loss<B: Backend> {
@@ -48,7 +48,7 @@ pub fn position_masks(batch: &TrainBatch, steps: usize) -> Vec<Vec<Vec<bool>>> {
 }
 
 pub fn eagle3_loss<B: HeadLossBackend>(
-    model: &Eagle3Model<B>,
+    model: &(impl Eagle3Drafter<B> + ?Sized),
     rope: &Rope,
     batch: &TrainBatch,
     features: &Features<B>,
