@@ -34,6 +34,13 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first
 /// and the `developer`/`latest_reminder` roles are not rendered.
 pub const DEEPSEEK_V4_TEMPLATE: &str = "{{ '<｜begin▁of▁sentence｜>' }}{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{% if (loop.last and add_generation_prompt) or (not loop.last and messages[loop.index0 + 1]['role'] == 'assistant') %}{{ '<｜Assistant｜></think>' }}{% endif %}{% elif message['role'] == 'assistant' %}{{ message['content'] + '<｜end▁of▁sentence｜>' }}{% else %}{{ raise_exception('the deepseek-v4 chat format renders system, user and assistant messages, not `' + message['role'] + '`') }}{% endif %}{% endfor %}";
 
+/// Gemma4's chat format, for a Gemma4 model that ships no template: BOS, then every message as
+/// `<|turn>{role}\n{content}<turn|>\n` with the assistant's role written `model`, and
+/// `<|turn>model\n` as the generation prompt. The empty thought channel that opens a
+/// non-thinking reply is part of the assistant content ([`TurnFormat::GEMMA4`] adds it and
+/// keeps it out of the loss).
+pub const GEMMA4_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<|turn>' + role + '\n' + message['content'] + '<turn|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}";
+
 /// How one family marks assistant turns, for the loss mask (the reference's descriptors).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TurnFormat {
@@ -73,7 +80,7 @@ impl TurnFormat {
         end_of_turn: "<turn|>\n",
         assistant_loss_prefix: Some("<|channel>thought\n<channel|>"),
         default_system: None,
-        template: None,
+        template: Some(GEMMA4_TEMPLATE),
     };
     /// Gemma 2/3 turns.
     pub const GEMMA: TurnFormat = TurnFormat {
@@ -170,11 +177,13 @@ impl ChatTemplate {
     }
 
     /// The tokenizer's own template; when the model ships none, DeepSeek-V4's for a tokenizer
-    /// with DeepSeek's `<｜Assistant｜>` token (V4 ships a Python encoder instead), else
-    /// ChatML.
+    /// with DeepSeek's `<｜Assistant｜>` token (V4 ships a Python encoder instead), Gemma4's
+    /// for one with `<|turn>`, else ChatML.
     pub fn for_tokenizer(tok: &Tok) -> Result<Self, Error> {
         let builtin = if tok.token_id("<｜Assistant｜>").is_some() {
             DEEPSEEK_V4_TEMPLATE
+        } else if tok.token_id("<|turn>").is_some() {
+            GEMMA4_TEMPLATE
         } else {
             CHATML_TEMPLATE
         };
@@ -374,6 +383,39 @@ mod tests {
         let spans = assistant_spans(text, &TurnFormat::CHATML);
         let pieces: Vec<&str> = spans.iter().map(|&(s, e)| &text[s..e]).collect();
         assert_eq!(pieces, vec!["yo<|im_end|>\n", "open"]);
+    }
+
+    /// A two-turn Gemma4 conversation, rendered byte for byte from the built-in template (the
+    /// fixture tokenizer ships none), with the thought channel prepended to each reply and
+    /// kept out of the loss spans.
+    #[test]
+    fn gemma4_two_turns_render_exactly_and_train_the_replies() {
+        let dir = crate::fixtures::golden_gemma4_dir().join("target");
+        let tok = Tok::from_hf_dir(&dir).unwrap();
+        assert!(tok.chat_template.is_none());
+        let template = ChatTemplate::for_format(&tok, &TurnFormat::GEMMA4).unwrap();
+        let messages = [
+            Message::new("user", "<t5> <t6>"),
+            Message::new("assistant", "<t7>"),
+            Message::new("user", "<t8>"),
+            Message::new("assistant", "<t9> <t10>"),
+        ];
+        let chat =
+            tokenize_conversation(&tok, &template, &TurnFormat::GEMMA4, &messages, 4096).unwrap();
+        assert_eq!(
+            chat.text,
+            "<t2><|turn>user\n<t5> <t6><turn|>\n<|turn>model\n<|channel>thought\n<channel|><t7><turn|>\n<|turn>user\n<t8><turn|>\n<|turn>model\n<|channel>thought\n<channel|><t9> <t10><turn|>\n"
+        );
+        let spans: Vec<&str> = assistant_spans(&chat.text, &TurnFormat::GEMMA4)
+            .into_iter()
+            .map(|(a, b)| &chat.text[a..b])
+            .collect();
+        assert_eq!(spans, vec!["<t7><turn|>\n", "<t9> <t10><turn|>\n"]);
+        let prompt = template.render(&messages[..3], true, None).unwrap();
+        assert!(
+            prompt.ends_with("<|turn>user\n<t8><turn|>\n<|turn>model\n"),
+            "{prompt}"
+        );
     }
 
     #[test]
