@@ -82,3 +82,14 @@ fn every_family_layout_matches_its_module() {
     let (drafter, config) = new_v4_drafter::<B>(dir.path(), &s, &device).unwrap();
     assert_layout(&drafter, &config, "DeepSeek-V4");
 }
+
+/// The reference's Gemma4 drafters (the Gemma4 fixtures): layer scalars, the four norms,
+/// no `v_proj` (keys are values) and the double-wide MLP rule.
+#[test]
+fn gemma4_drafter_layouts_match_their_modules() {
+    for algo in ["dspark", "dflash", "eagle3"] {
+        let dir = deepspec_core::fixtures::golden_gemma4_dir().join(algo);
+        let (drafter, config) = Drafter::<B>::load(&dir, &Default::default()).unwrap();
+        assert_layout(&drafter, &config, &format!("gemma4 {algo}"));
+    }
+}

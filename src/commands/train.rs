@@ -5,10 +5,14 @@ use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use deepspec_core::backend::set_compute_dtype;
-use deepspec_core::drafter::init::{new_config, new_drafter, new_v4_config_from, new_v4_drafter};
+use deepspec_core::drafter::init::{
+    new_config, new_drafter, new_gemma4_drafter, new_v4_config_from, new_v4_drafter,
+};
 use deepspec_core::drafter::DrafterConfig;
 use deepspec_core::model::v4::V4Config;
-use deepspec_core::model::{is_deepseek_v4, load_target, load_target_meta, TargetConfig};
+use deepspec_core::model::{
+    is_deepseek_v4, is_gemma4, load_target, load_target_meta, TargetConfig,
+};
 use deepspec_core::recipe::Recipe;
 use deepspec_train::data::CacheSource;
 use deepspec_train::memory::plan_memory;
@@ -237,6 +241,19 @@ impl OnBackend for TrainArgs {
                 || {
                     format!(
                         "building a DeepSeek-V4 DSpark drafter for {} (recipe field model.target_model_name_or_path)",
+                        plan.target.display()
+                    )
+                },
+            )?
+        } else if is_gemma4(&plan.target) {
+            // Gemma4 targets do not run here: the drafter's config from the target's
+            // config.json, its frozen embedding and head from the folder.
+            let target = TargetConfig::from_hf_json(&plan.target.join("config.json"))?;
+            plan.check_target(&reader.manifest, &target)?;
+            new_gemma4_drafter::<Autodiff<B>>(&plan.target, &plan.drafter, &device).with_context(
+                || {
+                    format!(
+                        "building a Gemma4 drafter for {} (recipe field model.target_model_name_or_path)",
                         plan.target.display()
                     )
                 },

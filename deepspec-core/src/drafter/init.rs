@@ -85,6 +85,24 @@ pub fn new_config(
     spec: &DrafterSpec,
 ) -> Result<DrafterConfig, LoadError> {
     let mut c = target_json(target_path, target)?;
+    let gemma4 = target.family == Family::Gemma4;
+    if gemma4 {
+        // The reference deep-copies the target's text config and extends it; its rotary
+        // module still reads `rope_parameters.full_attention`, next to the top-level
+        // `rope_type` / `rope_theta` transformers adds when it standardises the dict.
+        if let Some(Value::Object(mut text)) = c.get("text_config").cloned() {
+            if let Some(version) = c.get("transformers_version") {
+                text.insert("transformers_version".into(), version.clone());
+            }
+            c = text;
+        }
+        if let Some(Value::Object(rope)) = c.get_mut("rope_parameters") {
+            rope.insert("rope_type".into(), json!("default"));
+            rope.insert("rope_theta".into(), Value::Null);
+        }
+        c.insert("target_model_type".into(), json!("gemma4"));
+        c.insert("target_text_model_type".into(), json!("gemma4_text"));
+    }
     let layers = spec.num_draft_layers;
     c.insert("num_target_layers".into(), json!(target.num_hidden_layers));
     c.insert("num_hidden_layers".into(), json!(layers));
@@ -95,7 +113,12 @@ pub fn new_config(
     c.insert("initializer_range".into(), json!(spec.initializer_range));
     match spec.algorithm {
         Algorithm::DSpark | Algorithm::DFlash => {
-            c.insert("architectures".into(), json!(["Qwen3DSparkModel"]));
+            let arch = if gemma4 {
+                "Gemma4DSparkModel"
+            } else {
+                "Qwen3DSparkModel"
+            };
+            c.insert("architectures".into(), json!([arch]));
             c.insert("block_size".into(), json!(spec.block_size));
             c.insert("mask_token_id".into(), json!(spec.mask_token_id));
             c.insert("num_anchors".into(), json!(spec.num_anchors));
@@ -112,7 +135,12 @@ pub fn new_config(
             }
         }
         Algorithm::Eagle3 => {
-            c.insert("architectures".into(), json!(["Qwen3Eagle3Model"]));
+            let arch = if gemma4 {
+                "Gemma4Eagle3Model"
+            } else {
+                "Qwen3Eagle3Model"
+            };
+            c.insert("architectures".into(), json!([arch]));
             c.insert("draft_num_hidden_layers".into(), json!(layers));
             c.insert("ttt_length".into(), json!(spec.block_size));
             c.insert("step_loss_decay".into(), json!(spec.step_loss_decay));
@@ -172,6 +200,8 @@ impl WeightSource for InitSource {
             }
             "embed.weight" if self.embed.is_some() => return Ok(self.embed.clone().unwrap()),
             _ if name.ends_with("norm.weight") => vec![1.0; n],
+            // Gemma4's per-layer output scale: a buffer of 1 in the reference's drafters.
+            _ if name.ends_with("layer_scalar") => vec![1.0; n],
             _ if name.ends_with(".bias") => vec![0.0; n],
             // DeepSeek-V4's mHC and sinks start where transformers' own init puts them:
             // scales 1, biases and sinks 0 (uniform mixing, pre/post weights at σ(0)).
@@ -197,6 +227,36 @@ pub fn new_drafter<B: Backend>(
     };
     let source = InitSource {
         origin: target.path.clone(),
+        embed: Some(embed),
+        head: Some(head),
+        std: spec.initializer_range,
+        rng: std::cell::RefCell::new(Rng::new(spec.seed)),
+    };
+    let drafter = Drafter::from_source(&source, &config, device)?;
+    Ok((drafter, config))
+}
+
+/// A freshly initialised drafter for the Gemma4 target folder `target_dir`, whose weights
+/// are not loaded (Gemma4 targets do not run here): its config, and the frozen embedding
+/// (`model.language_model.embed_tokens.weight`) and head (the embedding when tied, else
+/// `lm_head.weight`) read from its safetensors.
+pub fn new_gemma4_drafter<B: Backend>(
+    target_dir: &Path,
+    spec: &DrafterSpec,
+    device: &B::Device,
+) -> Result<(Drafter<B>, DrafterConfig), LoadError> {
+    let target = TargetConfig::from_hf_json(&target_dir.join("config.json"))?;
+    let config = new_config(target_dir, &target, spec)?;
+    let src = crate::io::safetensors::SafetensorsCheckpoint::open_dir(target_dir)?;
+    let shape = [target.vocab_size, target.hidden_size];
+    let embed = src.tensor_shaped("model.language_model.embed_tokens.weight", &shape)?;
+    let head = if target.tie_word_embeddings {
+        embed.clone()
+    } else {
+        src.tensor_shaped("lm_head.weight", &shape)?
+    };
+    let source = InitSource {
+        origin: target_dir.to_path_buf(),
         embed: Some(embed),
         head: Some(head),
         std: spec.initializer_range,

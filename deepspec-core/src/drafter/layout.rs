@@ -62,6 +62,9 @@ pub fn drafter_layout(config: &DrafterConfig) -> Vec<TensorSlot> {
         Algorithm::Eagle3 => (1, 2 * h),
         _ => (c.num_hidden_layers, h),
     };
+    // Gemma4: two more norms and a `layer_scalar` buffer per layer, no `v_proj` where keys
+    // are values, and the double-wide MLP rule.
+    let gemma4 = config.gemma4.as_ref();
     for l in 0..layers {
         let p = format!("layers.{l}");
         if config.algorithm == Algorithm::Eagle3 {
@@ -73,13 +76,34 @@ pub fn drafter_layout(config: &DrafterConfig) -> Vec<TensorSlot> {
             vec![h],
             true,
         );
+        let i = match gemma4 {
+            Some(g) => {
+                push(
+                    format!("{p}.pre_feedforward_layernorm.weight"),
+                    vec![h],
+                    true,
+                );
+                push(
+                    format!("{p}.post_feedforward_layernorm.weight"),
+                    vec![h],
+                    true,
+                );
+                push(format!("{p}.layer_scalar"), vec![1], false);
+                g.mlp_width(l, layers)
+            }
+            None => i,
+        };
+        let v_proj = !gemma4.is_some_and(|g| g.attention_k_eq_v);
         let a = format!("{p}.self_attn");
         for (proj, rows, cols) in [
             ("q_proj", q, input),
             ("k_proj", kv, input),
             ("v_proj", kv, input),
             ("o_proj", h, q),
-        ] {
+        ]
+        .into_iter()
+        .filter(|(proj, _, _)| v_proj || *proj != "v_proj")
+        {
             push(format!("{a}.{proj}.weight"), vec![rows, cols], true);
             if c.attention_bias {
                 push(format!("{a}.{proj}.bias"), vec![rows], true);

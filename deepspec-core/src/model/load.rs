@@ -122,6 +122,14 @@ pub fn is_deepseek_v4(path: &Path) -> bool {
         .is_some_and(|v| crate::model::v4::V4Config::is_v4(&v))
 }
 
+/// Whether `path` is a Gemma4 model folder (its `config.json`'s `model_type`).
+pub fn is_gemma4(path: &Path) -> bool {
+    std::fs::read_to_string(path.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| crate::model::gemma4::Gemma4Config::is_gemma4(&v))
+}
+
 /// Builds the decoder from Hugging Face keys (`model.layers.<i>.self_attn.q_proj.weight`, ...).
 pub fn build_target<B: Backend>(
     src: &dyn WeightSource,

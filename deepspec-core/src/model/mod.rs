@@ -17,7 +17,7 @@ pub mod v4;
 
 pub use config::{Family, TargetConfig};
 pub use kv_cache::KvCache;
-pub use load::{is_deepseek_v4, load_target, load_target_meta, LoadedTarget};
+pub use load::{is_deepseek_v4, is_gemma4, load_target, load_target_meta, LoadedTarget};
 pub use transformer::{LogitsFor, TargetModel, TargetOutput};
 
 use crate::io::HostTensor;

@@ -1,0 +1,119 @@
+//! A Gemma4 drafter from the command line where the Gemma4 target does not run: the Gemma4
+//! fixtures' reference cache imported, a DSpark and an Eagle3 drafter trained on it from the
+//! recipes' settings (sized to the fixture target), their checkpoints holding exactly the
+//! reference's keys, shapes and config fields, and scored offline.
+
+use deepspec_core::fixtures::{golden_gemma4_dir, workspace_root};
+use deepspec_core::io::safetensors::SafetensorsFile;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn deepspec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deepspec"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "command failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout).to_string() + &stderr
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `recipes/<algo>-gemma4-12b.toml` pointed at the fixture target and cache, with the
+/// fixture drafters' sizes.
+fn recipe(dir: &Path, algo: &str, cache: &Path) -> std::path::PathBuf {
+    let text =
+        std::fs::read_to_string(workspace_root().join(format!("recipes/{algo}-gemma4-12b.toml")))
+            .unwrap();
+    let target = golden_gemma4_dir().join("target");
+    let text = text
+        .replace("\"google/gemma-4-12B-it\"", &format!("{:?}", s(&target)))
+        .replace(
+            "[data]\n",
+            &format!("[data]\ntarget_cache_path = {:?}\n", s(cache)),
+        );
+    let text = text
+        .replace("[5, 17, 29, 41, 46]", "[0, 1, 2, 3, 4]")
+        .replace("num_anchors = 512", "num_anchors = 8")
+        .replace("markov_rank = 256", "markov_rank = 16")
+        .replace("precision = \"bf16\"", "precision = \"fp32\"")
+        .replace("global_batch_size = 512", "global_batch_size = 2");
+    let text = if algo == "eagle3" {
+        text
+    } else {
+        text.replace("num_draft_layers = 5", "num_draft_layers = 3")
+    };
+    let path = dir.join(format!("{algo}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn gemma4_drafters_train_from_an_imported_cache_and_score_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    ok(&deepspec(&[
+        "cache",
+        "import-deepspec",
+        s(&golden_gemma4_dir().join("cache")),
+        s(&cache),
+    ]));
+    for algo in ["dspark", "eagle3"] {
+        let r = recipe(tmp.path(), algo, &cache);
+        let out = tmp.path().join(format!("run-{algo}"));
+        let said = ok(&deepspec(&[
+            "train",
+            "--recipe",
+            s(&r),
+            "--out",
+            s(&out),
+            "--set",
+            "train.max_train_steps=3",
+        ]));
+        assert!(said.contains("trained 3 steps"), "{said}");
+        // Exactly the reference's tensors and config fields.
+        let reference = golden_gemma4_dir().join(algo);
+        let ours = out.join("step_latest");
+        let shapes = |dir: &Path| {
+            let f = SafetensorsFile::open(dir.join("model.safetensors")).unwrap();
+            let mut v: Vec<(String, Vec<usize>)> = f
+                .tensor_names()
+                .map(|n| (n.clone(), f.info(n).unwrap().shape.clone()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(shapes(&ours), shapes(&reference), "{algo}: tensors");
+        let keys = |dir: &Path| {
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                    .unwrap();
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&ours), keys(&reference), "{algo}: config fields");
+        let report = tmp.path().join(format!("{algo}.json"));
+        ok(&deepspec(&[
+            "eval",
+            "--offline",
+            "--recipe",
+            s(&r),
+            "--drafter",
+            s(&ours),
+            "--report",
+            s(&report),
+        ]));
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let tau = r["offline"]["tau_greedy"].as_f64().unwrap();
+        assert!(tau >= 1.0, "{algo}: {r}");
+        eprintln!("{algo}: offline τ {tau:.3} (T=0) after 3 steps");
+    }
+}
