@@ -117,3 +117,42 @@ fn gemma4_drafters_train_from_an_imported_cache_and_score_offline() {
         eprintln!("{algo}: offline τ {tau:.3} (T=0) after 3 steps");
     }
 }
+
+/// `prepare` runs a Gemma4 target: the fixture target answers two prompts in the Gemma4 chat
+/// format and its taps and final state are cached, then validated.
+#[test]
+fn prepare_caches_a_gemma4_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = golden_gemma4_dir().join("target");
+    let recipe = tmp.path().join("prepare.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\ntarget_model_name_or_path = {:?}\ntarget_layer_ids = [0, 1, 2, 3, 4]\n\n\
+             [data]\nchat_template = \"gemma4\"\nmax_length = 256\nmin_loss_tokens = 2\n\n\
+             [prepare]\ntemperature = 0.0\nmax_new_tokens = 12\nbatch_size = 2\n",
+            s(&target)
+        ),
+    )
+    .unwrap();
+    let prompts = tmp.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"turns\": [\"<t5> <t6> <t7>\"]}\n{\"turns\": [\"<t9> <t8>\"]}\n",
+    )
+    .unwrap();
+    let cache = tmp.path().join("cache");
+    let said = ok(&deepspec(&[
+        "prepare",
+        "--quiet",
+        "--recipe",
+        s(&recipe),
+        "--prompts",
+        s(&prompts),
+        "--out",
+        s(&cache),
+    ]));
+    assert!(said.contains("2 samples"), "{said}");
+    let valid = ok(&deepspec(&["cache", "validate", s(&cache)]));
+    assert!(valid.contains("ok (1 shards, 2 samples"), "{valid}");
+}

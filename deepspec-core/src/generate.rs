@@ -5,7 +5,7 @@
 use crate::io::chat::TurnFormat;
 use crate::io::tokenizer::Tok;
 use crate::model::rope::Rope;
-use crate::model::{KvCache, LoadedTarget, LogitsFor, TargetModel};
+use crate::model::{KvCache, LoadedTarget, LogitsFor, TargetNet};
 use crate::sampling::{sample, Rng, SamplingParams};
 use burn::tensor::backend::Backend;
 
@@ -47,7 +47,7 @@ pub fn stop_ids(
 
 /// Last-position logits of each row, on the host.
 fn last_logits<B: Backend>(
-    model: &TargetModel<B>,
+    model: &TargetNet<B>,
     rope: &Rope,
     tokens: &[Vec<Option<u32>>],
     cache: &mut KvCache<B>,

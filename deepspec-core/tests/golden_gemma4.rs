@@ -8,8 +8,7 @@ use deepspec_core::backend::Cpu;
 use deepspec_core::cache::reference::ReferenceCache;
 use deepspec_core::fixtures::{golden_gemma4_dir, max_abs_diff};
 use deepspec_core::io::safetensors::SafetensorsFile;
-use deepspec_core::model::gemma4::{Gemma4Output, LoadedGemma4};
-use deepspec_core::model::to_host;
+use deepspec_core::model::{load_target, to_host, KvCache, LoadedTarget, LogitsFor, TargetOutput};
 
 type B = Cpu;
 
@@ -66,18 +65,18 @@ fn assert_close(name: &str, got: &[f32], want: &[f32], inputs: &Batch, tol: f32)
     worst
 }
 
-fn run() -> (Batch, LoadedGemma4<B>, Gemma4Output<B>, Vec<usize>) {
+fn run() -> (Batch, LoadedTarget<B>, TargetOutput<B>, Vec<usize>) {
     let device = Default::default();
-    let target = LoadedGemma4::<B>::load(&golden_gemma4_dir().join("target"), &device).unwrap();
+    let target = load_target::<B>(&golden_gemma4_dir().join("target"), &device).unwrap();
     let inputs = inputs();
     let ids = Tensor::<B, 2, Int>::from_data(
         TensorData::new(inputs.ids.clone(), [inputs.batch, inputs.seq]),
         &device,
     );
-    let taps: Vec<usize> = (0..target.config.num_hidden_layers - 1).collect();
+    let taps: Vec<usize> = (0..target.model.num_layers() - 1).collect();
     let out = target
         .model
-        .forward_padded(&target.config, ids, &inputs.real, &taps, true);
+        .forward_padded(&target.rope, ids, &inputs.real, &taps, LogitsFor::All);
     (inputs, target, out, taps)
 }
 
@@ -94,7 +93,10 @@ fn golden_gemma4_target_logits_and_layers() {
         &inputs,
         2e-5,
     );
-    let before = to_host(target.model.head(out.final_hidden.clone())).data;
+    let deepspec_core::model::TargetNet::Gemma4 { model, .. } = &target.model else {
+        panic!("a Gemma4 folder loads as a Gemma4 target");
+    };
+    let before = to_host(model.head(out.final_hidden.clone())).data;
     assert_close(
         "logits_before_softcap",
         &before,
@@ -109,7 +111,7 @@ fn golden_gemma4_target_logits_and_layers() {
     );
     assert_close(
         "embeddings",
-        &to_host(target.model.embed(ids)).data,
+        &to_host(model.embed(ids)).data,
         &want("embeddings"),
         &inputs,
         1e-6,
@@ -217,4 +219,55 @@ fn golden_gemma4_drafter_checkpoint_round_trip() {
             "{algo}: config.json"
         );
     }
+}
+
+/// Decoding through the KV cache (a prefill, then one token at a time, both rows together)
+/// gives the full forward's soft-capped logits: sliding windows, full layers and the
+/// kv-shared layers' reuse of the cache.
+#[test]
+fn golden_gemma4_target_incremental_matches_full_forward() {
+    let (inputs, target, full, _) = run();
+    let full = to_host(full.logits.unwrap());
+    let vocab = full.shape[2];
+    let mut cache = KvCache::<B>::new(target.model.num_layers(), inputs.batch);
+    let prefill = 20;
+    let token =
+        |b: usize, s: usize| inputs.real[b][s].then(|| inputs.ids[b * inputs.seq + s] as u32);
+    let rows: Vec<Vec<Option<u32>>> = (0..inputs.batch)
+        .map(|b| (0..prefill).map(|s| token(b, s)).collect())
+        .collect();
+    let out = target
+        .model
+        .step(&target.rope, &rows, &mut cache, &[], LogitsFor::All);
+    let (batch, seq) = (inputs.batch, inputs.seq);
+    let mut got = vec![0f32; batch * seq * vocab];
+    let first = to_host(out.logits.unwrap()).data;
+    for b in 0..batch {
+        let (from, to) = (b * prefill * vocab, b * seq * vocab);
+        got[to..to + prefill * vocab].copy_from_slice(&first[from..from + prefill * vocab]);
+    }
+    for s in prefill..seq {
+        let rows: Vec<Vec<Option<u32>>> = (0..batch).map(|b| vec![token(b, s)]).collect();
+        let out = target
+            .model
+            .step(&target.rope, &rows, &mut cache, &[], LogitsFor::All);
+        let step = to_host(out.logits.unwrap()).data;
+        for b in 0..batch {
+            let to = (b * seq + s) * vocab;
+            got[to..to + vocab].copy_from_slice(&step[b * vocab..(b + 1) * vocab]);
+        }
+    }
+    let mut worst = 0f32;
+    for (row, real) in inputs.real.iter().enumerate() {
+        for (pos, &is_real) in real.iter().enumerate() {
+            if !is_real {
+                continue;
+            }
+            let at = (row * seq + pos) * vocab;
+            let (d, _) = max_abs_diff(&got[at..at + vocab], &full.data[at..at + vocab]);
+            assert!(d <= 1e-4, "row {row}, position {pos}: |diff| {d}");
+            worst = worst.max(d);
+        }
+    }
+    eprintln!("incremental against full forward: max |diff| {worst:.3e}");
 }

@@ -8,7 +8,7 @@ use super::Drafter;
 use crate::io::{HostTensor, WeightSource};
 use crate::layers::TargetLayerIds;
 use crate::model::config::{Family, TargetConfig};
-use crate::model::{to_host, LoadedTarget};
+use crate::model::LoadedTarget;
 use crate::sampling::Rng;
 use crate::LoadError;
 use burn::tensor::backend::Backend;
@@ -220,11 +220,7 @@ pub fn new_drafter<B: Backend>(
     device: &B::Device,
 ) -> Result<(Drafter<B>, DrafterConfig), LoadError> {
     let config = new_config(&target.path, &target.config, spec)?;
-    let embed = to_host(target.model.embed_tokens.val());
-    let head = match &target.model.lm_head {
-        Some(h) => to_host(h.weight.val()),
-        None => embed.clone(),
-    };
+    let (embed, head) = target.model.embedding_and_head();
     let source = InitSource {
         origin: target.path.clone(),
         embed: Some(embed),

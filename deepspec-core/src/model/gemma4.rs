@@ -14,10 +14,12 @@
 //! - Final logit soft-capping `c · tanh(z / c)`.
 
 use super::attention::{attention, Visibility};
+use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::param_from_host;
 use super::rope::{apply_rotary, Rope};
+use super::transformer::{last_rows, padded_positions, step_positions, LogitsFor, TargetOutput};
 use super::v4::rms;
 use crate::io::safetensors::SafetensorsCheckpoint;
 use crate::io::tokenizer::Tok;
@@ -434,16 +436,6 @@ pub fn layer_finish<B: Backend>(
     h * layer_scalar.val().reshape([1, 1, 1])
 }
 
-/// What a full forward returns.
-pub struct Gemma4Output<B: Backend> {
-    /// Soft-capped LM-head output `[b, s, V]`, when asked for.
-    pub logits: Option<Tensor<B, 3>>,
-    /// Output of each requested layer (after its `layer_scalar`), in request order.
-    pub tapped: Vec<Tensor<B, 3>>,
-    /// The final norm's output (the LM head's input).
-    pub final_hidden: Tensor<B, 3>,
-}
-
 #[derive(Module, Debug)]
 pub struct Gemma4Target<B: Backend> {
     pub embed_tokens: Param<Tensor<B, 2>>,
@@ -635,47 +627,73 @@ impl<B: Backend> Gemma4Target<B> {
     }
 
     /// A full forward over right-padded rows (`real[b][s]`: a token, not padding), tapping
-    /// the outputs of layers `taps`.
+    /// the outputs of layers `taps`; no cache kept.
     pub fn forward_padded(
         &self,
         config: &Gemma4Config,
         ids: Tensor<B, 2, Int>,
         real: &[Vec<bool>],
         taps: &[usize],
-        with_logits: bool,
-    ) -> Gemma4Output<B> {
+        logits: LogitsFor,
+    ) -> TargetOutput<B> {
+        let positions = padded_positions(real);
+        let mut cache = KvCache::new(self.layers.len(), real.len());
+        self.forward(config, ids, &positions, &mut cache, taps, logits)
+    }
+
+    /// One step over `tokens` (rows padded with `None`), appended to `cache`; row `b`
+    /// continues at position `cache.len(b)`.
+    pub fn step(
+        &self,
+        config: &Gemma4Config,
+        tokens: &[Vec<Option<u32>>],
+        cache: &mut KvCache<B>,
+        taps: &[usize],
+        logits: LogitsFor,
+    ) -> TargetOutput<B> {
+        let device = self.embed_tokens.device();
+        let (batch, seq) = (tokens.len(), tokens.first().map_or(0, Vec::len));
+        let (positions, ids) = step_positions(tokens, cache);
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
+        self.forward(config, ids, &positions, cache, taps, logits)
+    }
+
+    /// `ids [b, s]` at `positions[b][s]` (`-1`: padding) through `cache`. Each layer that has
+    /// keys of its own appends them to its cache slot; a kv-shared layer attends to its
+    /// source layer's (this step's included). Sliding layers see the last `sliding_window`
+    /// positions, full layers every earlier one.
+    pub fn forward(
+        &self,
+        config: &Gemma4Config,
+        ids: Tensor<B, 2, Int>,
+        positions: &[Vec<i64>],
+        cache: &mut KvCache<B>,
+        taps: &[usize],
+        logits: LogitsFor,
+    ) -> TargetOutput<B> {
         let device = ids.device();
-        let positions: Vec<Vec<i64>> = real
-            .iter()
-            .map(|row| {
-                let mut next = 0;
-                row.iter()
-                    .map(|&r| {
-                        if r {
-                            next += 1;
-                            next - 1
-                        } else {
-                            -1
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
-        let (b, s) = (positions.len(), positions.first().map_or(0, Vec::len));
-        let pos =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(positions.concat(), [b, s]), &device);
-        let causal = Visibility::Causal {
-            query_positions: pos.clone(),
-            key_positions: pos.clone(),
-        };
-        let window = Visibility::Window {
-            query_positions: pos.clone(),
-            key_positions: pos,
-            window: config.sliding_window,
+        for &t in taps {
+            assert!(
+                t < self.layers.len(),
+                "tapped layer {t} does not exist (the model has {} layers)",
+                self.layers.len()
+            );
+        }
+        let causal = cache.begin_step(positions, &device);
+        let window = match &causal {
+            Visibility::Causal {
+                query_positions,
+                key_positions,
+            } => Visibility::Window {
+                query_positions: query_positions.clone(),
+                key_positions: key_positions.clone(),
+                window: config.sliding_window,
+            },
+            _ => unreachable!("a cache step is causal"),
         };
         let tables: Vec<(Tensor<B, 4>, Tensor<B, 4>)> = [LayerType::Sliding, LayerType::Full]
             .iter()
-            .map(|&t| config.rope(t).tables::<B>(&positions, &device))
+            .map(|&t| config.rope(t).tables::<B>(positions, &device))
             .collect();
         let mut h = self.embed(ids);
         let mut kv: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>> = vec![None; self.layers.len()];
@@ -685,8 +703,8 @@ impl<B: Backend> Gemma4Target<B> {
             let (cos, sin) = &tables[(t == LayerType::Full) as usize];
             let x = layer.input_layernorm.forward(h.clone());
             let q = layer.self_attn.queries(x.clone(), cos, sin);
-            if let Some(own) = layer.self_attn.keys_values(x, cos, sin) {
-                kv[i] = Some(own);
+            if let Some((k, v)) = layer.self_attn.keys_values(x, cos, sin) {
+                kv[i] = Some(cache.append(i, k, v));
             }
             let (k, v) = kv[config.kv_source(i)]
                 .clone()
@@ -696,8 +714,7 @@ impl<B: Backend> Gemma4Target<B> {
             } else {
                 &causal
             };
-            let attended = attention(q, k, v, visibility, 1.0);
-            h = layer.finish(h, attended);
+            h = layer.finish(h, attention(q, k, v, visibility, 1.0));
             for (slot, &tap) in tapped.iter_mut().zip(taps) {
                 if tap == i {
                     *slot = Some(h.clone());
@@ -705,13 +722,16 @@ impl<B: Backend> Gemma4Target<B> {
             }
         }
         let final_hidden = self.norm.forward(h);
-        let logits = with_logits.then(|| {
-            softcap(
-                self.head(final_hidden.clone()),
-                config.final_logit_softcapping,
-            )
-        });
-        Gemma4Output {
+        let cap = config.final_logit_softcapping;
+        let logits = match logits {
+            LogitsFor::All => Some(softcap(self.head(final_hidden.clone()), cap)),
+            LogitsFor::Last => Some(softcap(
+                self.head(last_rows(final_hidden.clone(), positions)),
+                cap,
+            )),
+            LogitsFor::None => None,
+        };
+        TargetOutput {
             logits,
             tapped: tapped
                 .into_iter()

@@ -8,7 +8,7 @@ use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::param_from_host;
 use super::rope::Rope;
-use super::transformer::{DecoderLayer, TargetModel};
+use super::transformer::{DecoderLayer, TargetModel, TargetNet};
 use crate::io::gguf::{GgufFile, GgufWeights};
 use crate::io::safetensors::SafetensorsCheckpoint;
 use crate::io::tokenizer::Tok;
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 /// A target ready to run: weights on a device, its config, rotary tables and tokenizer.
 pub struct LoadedTarget<B: Backend> {
-    pub model: TargetModel<B>,
+    pub model: TargetNet<B>,
     pub config: TargetConfig,
     pub rope: Rope,
     pub tokenizer: Tok,
@@ -41,7 +41,11 @@ pub fn load_target<B: Backend>(
         let tokenizer = Tok::from_gguf(&file)?;
         let weights =
             GgufWeights::new(file, config.num_attention_heads, config.num_key_value_heads);
-        (build_target(&weights, &config, device)?, config, tokenizer)
+        (
+            TargetNet::Decoder(build_target(&weights, &config, device)?),
+            config,
+            tokenizer,
+        )
     } else {
         if !path.is_dir() {
             return Err(LoadError::io(
@@ -60,16 +64,25 @@ pub fn load_target<B: Backend>(
                 "DeepSeek-V4 targets do not run in deepspec: train its DSpark drafter from a cache captured by your serving engine (the trainer reads only embed.weight and head.weight from this folder)".to_string(),
             ));
         }
-        if config.family == Family::Gemma4 {
-            return Err(LoadError::field(
-                path.join("config.json"),
-                "model_type",
-                "Gemma4 targets do not run in prepare, train or eval yet (model::gemma4 reproduces their forward in the golden tests): capture the cache with your serving engine (`deepspec cache import-vllm`) and score drafters with `deepspec eval --offline`".to_string(),
-            ));
-        }
-        let weights = SafetensorsCheckpoint::open_dir(path)?;
         let tokenizer = Tok::from_hf_dir(path)?;
-        (build_target(&weights, &config, device)?, config, tokenizer)
+        if config.family == Family::Gemma4 {
+            let gemma4 = super::gemma4::LoadedGemma4::<B>::load(path, device)?;
+            (
+                TargetNet::Gemma4 {
+                    model: gemma4.model,
+                    config: gemma4.config,
+                },
+                config,
+                tokenizer,
+            )
+        } else {
+            let weights = SafetensorsCheckpoint::open_dir(path)?;
+            (
+                TargetNet::Decoder(build_target(&weights, &config, device)?),
+                config,
+                tokenizer,
+            )
+        }
     };
     Ok(LoadedTarget {
         rope: config.rope(),

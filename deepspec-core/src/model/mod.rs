@@ -18,7 +18,7 @@ pub mod v4;
 pub use config::{Family, TargetConfig};
 pub use kv_cache::KvCache;
 pub use load::{is_deepseek_v4, is_gemma4, load_target, load_target_meta, LoadedTarget};
-pub use transformer::{LogitsFor, TargetModel, TargetOutput};
+pub use transformer::{LogitsFor, TargetModel, TargetNet, TargetOutput};
 
 use crate::io::HostTensor;
 use burn::module::Param;

@@ -70,6 +70,66 @@ pub fn cached_attention<B: Backend>(
     attn.attend(q, k, v, visibility)
 }
 
+/// Each row's last non-padding position of `hidden [batch, seq, H]`: `[batch, 1, H]`.
+pub(crate) fn last_rows<B: Backend>(hidden: Tensor<B, 3>, positions: &[Vec<i64>]) -> Tensor<B, 3> {
+    let [batch, _, h] = hidden.dims();
+    let last: Vec<i64> = positions
+        .iter()
+        .map(|row| row.iter().rposition(|&p| p >= 0).unwrap_or(0) as i64)
+        .collect();
+    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [batch]), &hidden.device())
+        .reshape([batch, 1, 1])
+        .expand([batch, 1, h]);
+    hidden.gather(1, index)
+}
+
+/// Step positions of `tokens` (one row per batch row, padded with `None`) continuing each
+/// row at `cache.len(b)`, and their ids (`None` as 0).
+pub(crate) fn step_positions<B: Backend>(
+    tokens: &[Vec<Option<u32>>],
+    cache: &KvCache<B>,
+) -> (Vec<Vec<i64>>, Vec<i64>) {
+    let seq = tokens.first().map_or(0, Vec::len);
+    let mut positions = Vec::with_capacity(tokens.len());
+    let mut ids = Vec::with_capacity(tokens.len() * seq);
+    for (b, row) in tokens.iter().enumerate() {
+        assert_eq!(row.len(), seq, "ragged step rows: pad with None");
+        let mut next = cache.len(b) as i64;
+        positions.push(
+            row.iter()
+                .map(|t| match t {
+                    Some(_) => {
+                        next += 1;
+                        next - 1
+                    }
+                    None => -1,
+                })
+                .collect::<Vec<i64>>(),
+        );
+        ids.extend(row.iter().map(|t| t.unwrap_or(0) as i64));
+    }
+    (positions, ids)
+}
+
+/// Positions `0..len` of each right-padded row (`real[b][s]` false: padding, `-1`).
+pub(crate) fn padded_positions(real: &[Vec<bool>]) -> Vec<Vec<i64>> {
+    real.iter()
+        .map(|row| {
+            let mut next = 0i64;
+            row.iter()
+                .map(|&r| {
+                    if r {
+                        next += 1;
+                        next - 1
+                    } else {
+                        -1
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Which positions get LM-head logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsFor {
@@ -139,26 +199,8 @@ impl<B: Backend> TargetModel<B> {
         logits: LogitsFor,
     ) -> TargetOutput<B> {
         let device = self.embed_tokens.device();
-        let batch = tokens.len();
-        let seq = tokens.first().map_or(0, Vec::len);
-        let mut positions = Vec::with_capacity(batch);
-        let mut ids = Vec::with_capacity(batch * seq);
-        for (b, row) in tokens.iter().enumerate() {
-            assert_eq!(row.len(), seq, "ragged step rows: pad with None");
-            let mut next = cache.len(b) as i64;
-            positions.push(
-                row.iter()
-                    .map(|t| match t {
-                        Some(_) => {
-                            next += 1;
-                            next - 1
-                        }
-                        None => -1,
-                    })
-                    .collect::<Vec<i64>>(),
-            );
-            ids.extend(row.iter().map(|t| t.unwrap_or(0) as i64));
-        }
+        let (batch, seq) = (tokens.len(), tokens.first().map_or(0, Vec::len));
+        let (positions, ids) = step_positions(tokens, cache);
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
         self.forward(rope, ids, &positions, cache, taps, logits)
     }
@@ -173,22 +215,7 @@ impl<B: Backend> TargetModel<B> {
         taps: &[usize],
         logits: LogitsFor,
     ) -> TargetOutput<B> {
-        let positions: Vec<Vec<i64>> = real
-            .iter()
-            .map(|row| {
-                let mut next = 0i64;
-                row.iter()
-                    .map(|&r| {
-                        if r {
-                            next += 1;
-                            next - 1
-                        } else {
-                            -1
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
+        let positions = padded_positions(real);
         let mut cache = KvCache::new(self.num_layers(), real.len());
         self.forward(rope, ids, &positions, &mut cache, taps, logits)
     }
@@ -228,17 +255,7 @@ impl<B: Backend> TargetModel<B> {
         let final_hidden = self.norm.forward(hidden);
         let logits = match logits {
             LogitsFor::All => Some(self.head(final_hidden.clone())),
-            LogitsFor::Last => {
-                let [batch, _, h] = final_hidden.dims();
-                let last: Vec<i64> = positions
-                    .iter()
-                    .map(|row| row.iter().rposition(|&p| p >= 0).unwrap_or(0) as i64)
-                    .collect();
-                let index = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [batch]), &device)
-                    .reshape([batch, 1, 1])
-                    .expand([batch, 1, h]);
-                Some(self.head(final_hidden.clone().gather(1, index)))
-            }
+            LogitsFor::Last => Some(self.head(last_rows(final_hidden.clone(), positions))),
             LogitsFor::None => None,
         };
         TargetOutput {
@@ -252,5 +269,79 @@ impl<B: Backend> TargetModel<B> {
 impl TargetConfig {
     pub fn rope(&self) -> Rope {
         Rope::partial(self.rope_theta, self.head_dim, self.partial_rotary_factor)
+    }
+}
+
+/// A target network of either family the binary runs: the Qwen3/Llama decoder, or Gemma4's
+/// text model (with its config: layer types, windows, soft-cap).
+// One value per loaded target: the size gap between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum TargetNet<B: Backend> {
+    Decoder(TargetModel<B>),
+    Gemma4 {
+        model: super::gemma4::Gemma4Target<B>,
+        config: super::gemma4::Gemma4Config,
+    },
+}
+
+impl<B: Backend> TargetNet<B> {
+    pub fn num_layers(&self) -> usize {
+        match self {
+            TargetNet::Decoder(m) => m.num_layers(),
+            TargetNet::Gemma4 { model, .. } => model.layers.len(),
+        }
+    }
+
+    pub fn device(&self) -> B::Device {
+        match self {
+            TargetNet::Decoder(m) => m.embed_tokens.device(),
+            TargetNet::Gemma4 { model, .. } => model.embed_tokens.device(),
+        }
+    }
+
+    /// The embedding `[V, H]` and the LM head `[V, H]` (the embedding when tied), on the host.
+    pub fn embedding_and_head(&self) -> (crate::io::HostTensor, crate::io::HostTensor) {
+        let (embed, head) = match self {
+            TargetNet::Decoder(m) => (&m.embed_tokens, m.lm_head.as_ref()),
+            TargetNet::Gemma4 { model, .. } => (&model.embed_tokens, model.lm_head.as_ref()),
+        };
+        let embed = super::to_host(embed.val());
+        let head = match head {
+            Some(h) => super::to_host(h.weight.val()),
+            None => embed.clone(),
+        };
+        (embed, head)
+    }
+
+    /// [`TargetModel::step`] (a Gemma4 target brings its own RoPE; `rope` is not read).
+    pub fn step(
+        &self,
+        rope: &Rope,
+        tokens: &[Vec<Option<u32>>],
+        cache: &mut KvCache<B>,
+        taps: &[usize],
+        logits: LogitsFor,
+    ) -> TargetOutput<B> {
+        match self {
+            TargetNet::Decoder(m) => m.step(rope, tokens, cache, taps, logits),
+            TargetNet::Gemma4 { model, config } => model.step(config, tokens, cache, taps, logits),
+        }
+    }
+
+    /// [`TargetModel::forward_padded`].
+    pub fn forward_padded(
+        &self,
+        rope: &Rope,
+        ids: Tensor<B, 2, Int>,
+        real: &[Vec<bool>],
+        taps: &[usize],
+        logits: LogitsFor,
+    ) -> TargetOutput<B> {
+        match self {
+            TargetNet::Decoder(m) => m.forward_padded(rope, ids, real, taps, logits),
+            TargetNet::Gemma4 { model, config } => {
+                model.forward_padded(config, ids, real, taps, logits)
+            }
+        }
     }
 }

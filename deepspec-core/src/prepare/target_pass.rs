@@ -30,7 +30,7 @@ pub fn target_pass<B: Backend>(
         ids.extend(std::iter::repeat_n(0i64, width - len));
         real.push((0..width).map(|i| i < len).collect::<Vec<bool>>());
     }
-    let device = target.model.embed_tokens.device();
+    let device = target.model.device();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, width]), &device);
     let out = target
         .model
