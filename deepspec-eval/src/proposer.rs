@@ -8,7 +8,7 @@ use crate::verify::probs;
 use burn::tensor::{backend::Backend, Tensor};
 use deepspec_core::drafter::dspark::ContextCache;
 use deepspec_core::drafter::eagle3::Eagle3Cache;
-use deepspec_core::drafter::{DSparkModel, Eagle3Model};
+use deepspec_core::drafter::{BlockInference, Eagle3Inference};
 use deepspec_core::model::rope::Rope;
 use deepspec_core::sampling::{is_greedy, sigmoid, Sampler};
 
@@ -77,7 +77,7 @@ fn pick<B: Backend>(
 }
 
 pub struct DSparkProposer<'m, B: Backend> {
-    pub model: &'m DSparkModel<B>,
+    pub model: &'m dyn BlockInference<B>,
     pub rope: Rope,
     pub block_size: usize,
     pub mask_token_id: u32,
@@ -87,7 +87,7 @@ pub struct DSparkProposer<'m, B: Backend> {
 
 impl<'m, B: Backend> DSparkProposer<'m, B> {
     pub fn new(
-        model: &'m DSparkModel<B>,
+        model: &'m dyn BlockInference<B>,
         rope: Rope,
         block_size: usize,
         mask_token_id: u32,
@@ -159,7 +159,7 @@ impl<B: Backend> Proposer<B> for DSparkProposer<'_, B> {
 }
 
 pub struct Eagle3Proposer<'m, B: Backend> {
-    pub model: &'m Eagle3Model<B>,
+    pub model: &'m dyn Eagle3Inference<B>,
     pub rope: Rope,
     pub steps: usize,
     cache: Eagle3Cache<B>,
@@ -170,7 +170,7 @@ pub struct Eagle3Proposer<'m, B: Backend> {
 }
 
 impl<'m, B: Backend> Eagle3Proposer<'m, B> {
-    pub fn new(model: &'m Eagle3Model<B>, rope: Rope, steps: usize) -> Self {
+    pub fn new(model: &'m dyn Eagle3Inference<B>, rope: Rope, steps: usize) -> Self {
         Eagle3Proposer {
             model,
             rope,

@@ -42,11 +42,7 @@ pub fn check_online<B: Backend>(drafter: &Drafter<B>) -> anyhow::Result<()> {
             "DeepSeek-V4 drafters cannot be evaluated online here: their target does not run in deepspec (serve it with SGLang or vLLM, which load the exported drafter)"
         );
     }
-    if matches!(drafter, Drafter::DSparkGemma4(_) | Drafter::Eagle3Gemma4(_)) {
-        anyhow::bail!(
-            "Gemma4 drafters cannot be evaluated online here yet: Gemma4 targets do not decode in deepspec; score them with `deepspec eval --offline`"
-        );
-    }
+
     Ok(())
 }
 
@@ -67,9 +63,16 @@ pub fn proposer<'m, B: Backend>(
                 .expect("DSpark configs carry mask_token_id"),
         )),
         Drafter::Eagle3(m) => Box::new(Eagle3Proposer::new(m, rope, config.block_size)),
-        Drafter::DSparkV4(_) | Drafter::DSparkGemma4(_) | Drafter::Eagle3Gemma4(_) => {
-            panic!("{}", check_online(drafter).unwrap_err())
-        }
+        Drafter::DSparkGemma4(m) => Box::new(DSparkProposer::new(
+            m,
+            rope,
+            config.block_size,
+            config
+                .mask_token_id
+                .expect("DSpark configs carry mask_token_id"),
+        )),
+        Drafter::Eagle3Gemma4(m) => Box::new(Eagle3Proposer::new(m, rope, config.block_size)),
+        Drafter::DSparkV4(_) => panic!("{}", check_online(drafter).unwrap_err()),
     }
 }
 

@@ -1,15 +1,16 @@
-//! The reference's decoding traces (golden `<algo>/eval_traces.json`): greedy runs reproduced
-//! exactly, temperature-1 runs replayed with the recorded draws.
+//! The reference's decoding traces (golden `<algo>/eval_traces.json`, and the Gemma4 set's):
+//! greedy runs reproduced exactly, temperature-1 runs replayed with the recorded draws.
 
 use burn::backend::Flex;
 use deepspec_core::drafter::{Drafter, DrafterConfig};
-use deepspec_core::fixtures::golden_dir;
+use deepspec_core::fixtures::{golden_dir, golden_gemma4_dir};
 use deepspec_core::model::{load_target, LoadedTarget};
 use deepspec_core::sampling::{Rng, Sampler};
 use deepspec_eval::engine::{decode, decode_batch, DecodeParams, DecodeTrace};
 use deepspec_eval::proposer::{DSparkProposer, Eagle3Proposer, Proposer};
 use serde_json::Value;
 use std::collections::VecDeque;
+use std::path::Path;
 
 type B = Flex;
 
@@ -71,10 +72,15 @@ fn new_proposer<'m>(drafter: &'m Drafter<B>, config: &DrafterConfig) -> Box<dyn 
             config.block_size,
             config.mask_token_id.unwrap(),
         )),
+        Drafter::DSparkGemma4(m) => Box::new(DSparkProposer::new(
+            m,
+            rope,
+            config.block_size,
+            config.mask_token_id.unwrap(),
+        )),
         Drafter::Eagle3(m) => Box::new(Eagle3Proposer::new(m, rope, config.block_size)),
-        Drafter::DSparkV4(_) | Drafter::DSparkGemma4(_) | Drafter::Eagle3Gemma4(_) => {
-            unreachable!("the golden fixtures hold Qwen3 drafters")
-        }
+        Drafter::Eagle3Gemma4(m) => Box::new(Eagle3Proposer::new(m, rope, config.block_size)),
+        Drafter::DSparkV4(_) => unreachable!("no DeepSeek-V4 fixture has decoding traces"),
     }
 }
 
@@ -118,8 +124,7 @@ fn replay_of(prompt: &Value) -> Replay {
 }
 
 /// The golden target, one algorithm's drafter and config, and its recorded traces.
-fn fixture(algo: &str) -> (LoadedTarget<B>, Drafter<B>, DrafterConfig, Value) {
-    let golden = golden_dir();
+fn fixture(golden: &Path, algo: &str) -> (LoadedTarget<B>, Drafter<B>, DrafterConfig, Value) {
     let target = load_target::<B>(&golden.join("target"), &Default::default()).unwrap();
     let (drafter, config) = Drafter::<B>::load(&golden.join(algo), &Default::default()).unwrap();
     let traces: Value = serde_json::from_str(
@@ -129,8 +134,8 @@ fn fixture(algo: &str) -> (LoadedTarget<B>, Drafter<B>, DrafterConfig, Value) {
     (target, drafter, config, traces)
 }
 
-fn check_greedy_runs(algo: &str) {
-    let (target, drafter, config, traces) = fixture(algo);
+fn check_greedy_runs(golden: &Path, algo: &str) {
+    let (target, drafter, config, traces) = fixture(golden, algo);
     let mut runs = 0;
     for (name, run) in traces.as_object().unwrap() {
         if run["temperature"].as_f64().unwrap() != 0.0 {
@@ -190,8 +195,8 @@ fn check_greedy_runs(algo: &str) {
     assert!(runs >= 2, "{algo}: expected greedy runs in the traces");
 }
 
-fn check_temperature_replay(algo: &str) {
-    let (target, drafter, config, traces) = fixture(algo);
+fn check_temperature_replay(golden: &Path, algo: &str) {
+    let (target, drafter, config, traces) = fixture(golden, algo);
     let run = &traces["temp1"];
     let mut worst = 0.0f64;
     for prompt in run["prompts"].as_array().unwrap() {
@@ -231,8 +236,8 @@ fn check_temperature_replay(algo: &str) {
 /// short by one token so that the batch mixes prompt lengths whatever the fixture holds:
 /// each recorded row reproduces its recorded trace, and every row (the extra one included)
 /// makes the same token decisions as it does alone.
-fn check_batched(algo: &str) {
-    let (target, drafter, config, traces) = fixture(algo);
+fn check_batched(golden: &Path, algo: &str) {
+    let (target, drafter, config, traces) = fixture(golden, algo);
     for (name, run) in traces.as_object().unwrap() {
         let params = decode_params(run, &config);
         let prompts = run["prompts"].as_array().unwrap();
@@ -326,45 +331,80 @@ fn check_batched(algo: &str) {
 
 #[test]
 fn golden_dspark_trace_batched() {
-    check_batched("dspark");
+    check_batched(&golden_dir(), "dspark");
 }
 
 #[test]
 fn golden_dflash_trace_batched() {
-    check_batched("dflash");
+    check_batched(&golden_dir(), "dflash");
 }
 
 #[test]
 fn golden_eagle3_trace_batched() {
-    check_batched("eagle3");
+    check_batched(&golden_dir(), "eagle3");
 }
 
 #[test]
 fn golden_dspark_trace_greedy() {
-    check_greedy_runs("dspark");
+    check_greedy_runs(&golden_dir(), "dspark");
 }
 
 #[test]
 fn golden_dflash_trace_greedy() {
-    check_greedy_runs("dflash");
+    check_greedy_runs(&golden_dir(), "dflash");
 }
 
 #[test]
 fn golden_eagle3_trace_greedy() {
-    check_greedy_runs("eagle3");
+    check_greedy_runs(&golden_dir(), "eagle3");
 }
 
 #[test]
 fn golden_dspark_trace_temperature_replay() {
-    check_temperature_replay("dspark");
+    check_temperature_replay(&golden_dir(), "dspark");
 }
 
 #[test]
 fn golden_dflash_trace_temperature_replay() {
-    check_temperature_replay("dflash");
+    check_temperature_replay(&golden_dir(), "dflash");
 }
 
 #[test]
 fn golden_eagle3_trace_temperature_replay() {
-    check_temperature_replay("eagle3");
+    check_temperature_replay(&golden_dir(), "eagle3");
+}
+
+#[test]
+fn golden_gemma4_dspark_trace_greedy() {
+    check_greedy_runs(&golden_gemma4_dir(), "dspark");
+}
+
+#[test]
+fn golden_gemma4_dflash_trace_greedy() {
+    check_greedy_runs(&golden_gemma4_dir(), "dflash");
+}
+
+#[test]
+fn golden_gemma4_dspark_trace_temperature_replay() {
+    check_temperature_replay(&golden_gemma4_dir(), "dspark");
+}
+
+#[test]
+fn golden_gemma4_dflash_trace_temperature_replay() {
+    check_temperature_replay(&golden_gemma4_dir(), "dflash");
+}
+
+#[test]
+fn golden_gemma4_dspark_trace_batched() {
+    check_batched(&golden_gemma4_dir(), "dspark");
+}
+
+#[test]
+fn golden_gemma4_eagle3_trace_greedy() {
+    check_greedy_runs(&golden_gemma4_dir(), "eagle3");
+}
+
+#[test]
+fn golden_gemma4_eagle3_trace_temperature_replay() {
+    check_temperature_replay(&golden_gemma4_dir(), "eagle3");
 }

@@ -320,7 +320,7 @@ fn decoder_layer<B: Backend>(
 /// row, in the shared [`KvCache`].
 #[derive(Debug, Clone)]
 pub struct ContextCache<B: Backend> {
-    kv: KvCache<B>,
+    pub(crate) kv: KvCache<B>,
 }
 
 impl<B: Backend> ContextCache<B> {
@@ -392,40 +392,108 @@ impl<B: Backend> DSparkModel<B> {
         let out = self.backbone(tokens, &cos, &sin, &visibility, |i, _, k, v| {
             cache.kv.with_scratch(i, k, v)
         });
-        let hidden = self.hidden_size();
-        let out: Tensor<B, 3> = out.reshape([block_size, 1, hidden]);
-        let head = self.head();
-        let base = head.base_logits(out.clone());
-        let mut draft = BlockDraft::default();
-        let mut confidence = Vec::with_capacity(block_size);
-        let mut prev = current;
-        let mut state = None;
-        for slot in 0..block_size {
-            let h_slot = out.clone().narrow(0, slot, 1);
-            let mut logits = base.clone().narrow(0, slot, 1);
-            let mut prev_embedding = None;
-            if let Some(markov) = &self.markov_head {
-                let prev_ids = Tensor::<B, 3, Int>::from_data(
-                    TensorData::new(vec![prev as i64], [1, 1, 1]),
-                    &device,
-                );
-                let e: Tensor<B, 3> = markov.embed_prev(prev_ids).reshape([1, 1, markov.rank()]);
-                let (feature, next) = markov.step(e.clone(), h_slot.clone(), state.take());
-                state = next;
-                logits = logits + markov.bias(feature);
-                prev_embedding = Some(e);
-            }
-            if let Some(conf) = &self.confidence_head {
-                let z: Tensor<B, 2> = conf.forward::<3, 2>(h_slot, prev_embedding);
-                confidence.push(z.reshape([1]));
-            }
-            let token = choose(slot, logits.reshape([head.vocab_size()]));
-            draft.tokens.push(token);
-            prev = token;
+        draft_slots(
+            &self.head(),
+            self.markov_head.as_ref(),
+            self.confidence_head.as_ref(),
+            out,
+            current,
+            choose,
+        )
+    }
+}
+
+/// The sequential heads over a drafted block's post-norm output `out [1, k, H]`, slot by
+/// slot: each slot's logits (capped where the head caps, plus the Markov bias of the token
+/// chosen before it), its confidence, and `choose`'s token.
+pub(crate) fn draft_slots<B: Backend>(
+    head: &HeadWeights<B>,
+    markov_head: Option<&MarkovHead<B>>,
+    confidence_head: Option<&ConfidenceHead<B>>,
+    out: Tensor<B, 3>,
+    current: u32,
+    choose: &mut dyn FnMut(usize, Tensor<B, 1>) -> u32,
+) -> BlockDraft {
+    let [_, block_size, hidden] = out.dims();
+    let device = out.device();
+    let out: Tensor<B, 3> = out.reshape([block_size, 1, hidden]);
+    let base = head.base_logits(out.clone());
+    let mut draft = BlockDraft::default();
+    let mut confidence = Vec::with_capacity(block_size);
+    let mut prev = current;
+    let mut state = None;
+    for slot in 0..block_size {
+        let h_slot = out.clone().narrow(0, slot, 1);
+        let mut logits = base.clone().narrow(0, slot, 1);
+        let mut prev_embedding = None;
+        if let Some(markov) = markov_head {
+            let prev_ids = Tensor::<B, 3, Int>::from_data(
+                TensorData::new(vec![prev as i64], [1, 1, 1]),
+                &device,
+            );
+            let e: Tensor<B, 3> = markov.embed_prev(prev_ids).reshape([1, 1, markov.rank()]);
+            let (feature, next) = markov.step(e.clone(), h_slot.clone(), state.take());
+            state = next;
+            logits = logits + markov.bias(feature);
+            prev_embedding = Some(e);
         }
-        if !confidence.is_empty() {
-            draft.confidence_logits = crate::model::to_host(Tensor::cat(confidence, 0)).data;
+        if let Some(conf) = confidence_head {
+            let z: Tensor<B, 2> = conf.forward::<3, 2>(h_slot, prev_embedding);
+            confidence.push(z.reshape([1]));
         }
-        draft
+        let token = choose(slot, logits.reshape([head.vocab_size()]));
+        draft.tokens.push(token);
+        prev = token;
+    }
+    if !confidence.is_empty() {
+        draft.confidence_logits = crate::model::to_host(Tensor::cat(confidence, 0)).data;
+    }
+    draft
+}
+
+/// What speculative decoding needs from a block drafter at inference: its context cache, the
+/// context fed ahead of a block, and one drafted block (the Qwen3 and Gemma4 DSpark/DFlash
+/// models).
+pub trait BlockInference<B: Backend> {
+    fn new_cache(&self) -> ContextCache<B>;
+    /// Appends context features `ctx_raw [1, m, n_t·H]` at positions `cache.len()..+m`.
+    fn extend_context(&self, rope: &Rope, cache: &mut ContextCache<B>, ctx_raw: Tensor<B, 3>);
+    /// Drafts one block after `current` (at position `cache.len()`); the cache is not changed.
+    fn propose(
+        &self,
+        rope: &Rope,
+        cache: &mut ContextCache<B>,
+        current: u32,
+        block_size: usize,
+        mask_token_id: u32,
+        choose: &mut dyn FnMut(usize, Tensor<B, 1>) -> u32,
+    ) -> BlockDraft;
+}
+
+impl<B: Backend> BlockInference<B> for DSparkModel<B> {
+    fn new_cache(&self) -> ContextCache<B> {
+        DSparkModel::new_cache(self)
+    }
+    fn extend_context(&self, rope: &Rope, cache: &mut ContextCache<B>, ctx_raw: Tensor<B, 3>) {
+        DSparkModel::extend_context(self, rope, cache, ctx_raw)
+    }
+    fn propose(
+        &self,
+        rope: &Rope,
+        cache: &mut ContextCache<B>,
+        current: u32,
+        block_size: usize,
+        mask_token_id: u32,
+        choose: &mut dyn FnMut(usize, Tensor<B, 1>) -> u32,
+    ) -> BlockDraft {
+        DSparkModel::propose(
+            self,
+            rope,
+            cache,
+            current,
+            block_size,
+            mask_token_id,
+            choose,
+        )
     }
 }

@@ -13,7 +13,9 @@
 //! Checkpoint keys are the Qwen3 drafter's, minus `v_proj`, plus the Gemma4 norms and
 //! `layers.<i>.layer_scalar`.
 
-use super::dspark::{block_heads, BlockFeatures, BlockInputs};
+use super::dspark::{
+    block_heads, draft_slots, BlockDraft, BlockFeatures, BlockInference, BlockInputs, ContextCache,
+};
 use super::heads::{ConfidenceHead, MarkovHead};
 use super::{
     frozen_embedding_and_head, linear_from, norm_from, BlockDrafter, DrafterConfig, HeadWeights,
@@ -22,13 +24,14 @@ use crate::io::WeightSource;
 use crate::model::attention::{attention, Visibility};
 use crate::model::embedding::Embedding;
 use crate::model::gemma4::{Gemma4Attention, Gemma4Config, Gemma4Layer, Gemma4Mlp, LayerType};
+use crate::model::kv_cache::KvCache;
 use crate::model::linear::Linear;
 use crate::model::norm::RmsNorm;
 use crate::model::param_from_host;
 use crate::model::rope::Rope;
 use crate::LoadError;
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Int, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 #[derive(Module, Debug)]
 pub struct DSparkGemma4Model<B: Backend> {
@@ -196,6 +199,78 @@ impl<B: Backend> BlockDrafter<B> for DSparkGemma4Model<B> {
             self.markov_head.as_ref(),
             self.confidence_head.as_ref(),
             blocks.prev_tokens.clone(),
+        )
+    }
+}
+
+impl<B: Backend> BlockInference<B> for DSparkGemma4Model<B> {
+    fn new_cache(&self) -> ContextCache<B> {
+        ContextCache {
+            kv: KvCache::new(self.layers.len(), 1),
+        }
+    }
+
+    fn extend_context(&self, rope: &Rope, cache: &mut ContextCache<B>, ctx_raw: Tensor<B, 3>) {
+        let [_, m, _] = ctx_raw.dims();
+        if m == 0 {
+            return;
+        }
+        let first = cache.len() as i64;
+        let positions = vec![(first..first + m as i64).collect::<Vec<_>>()];
+        let device = ctx_raw.device();
+        let (cos, sin) = rope.tables::<B>(&positions, &device);
+        cache.kv.begin_step(&positions, &device);
+        let context = self.hidden_norm.forward(self.fc.forward(ctx_raw));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (k, v) = layer
+                .self_attn
+                .keys_values(context.clone(), &cos, &sin)
+                .expect("drafter layers have their own keys");
+            cache.kv.append(i, k, v);
+        }
+    }
+
+    fn propose(
+        &self,
+        rope: &Rope,
+        cache: &mut ContextCache<B>,
+        current: u32,
+        block_size: usize,
+        mask_token_id: u32,
+        choose: &mut dyn FnMut(usize, Tensor<B, 1>) -> u32,
+    ) -> BlockDraft {
+        let device = self.fc.weight.device();
+        let start = cache.len();
+        let mut block = vec![mask_token_id as i64; block_size];
+        block[0] = current as i64;
+        let tokens =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(block, [1, block_size]), &device);
+        let positions = vec![(start as i64..(start + block_size) as i64).collect::<Vec<_>>()];
+        let (cos, sin) = rope.tables::<B>(&positions, &device);
+        let visibility = Visibility::Blocks {
+            anchors: Tensor::from_data(TensorData::new(vec![start as i64], [1, 1]), &device),
+            block_size,
+            context_len: cache.kv.slots(),
+            window: None,
+        };
+        let mut h = self.embed(tokens);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attn = &layer.self_attn;
+            let x = layer.input_layernorm.forward(h.clone());
+            let q = attn.queries(x.clone(), &cos, &sin);
+            let (k, v) = attn
+                .keys_values(x, &cos, &sin)
+                .expect("drafter layers have their own keys");
+            let (k, v) = cache.kv.with_scratch(i, k, v);
+            h = layer.finish(h, attention(q, k, v, &visibility, 1.0));
+        }
+        draft_slots(
+            &self.head(),
+            self.markov_head.as_ref(),
+            self.confidence_head.as_ref(),
+            self.norm.forward(h),
+            current,
+            choose,
         )
     }
 }

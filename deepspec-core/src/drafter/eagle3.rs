@@ -227,10 +227,46 @@ impl<B: Backend> Eagle3Drafter<B> for Eagle3Model<B> {
     }
 }
 
+/// What speculative decoding needs from an Eagle3 drafter at inference (the Qwen3 and the
+/// Gemma4 models).
+pub trait Eagle3Inference<B: Backend> {
+    fn head(&self) -> HeadWeights<B>;
+    /// Dense logits from a pre-norm hidden state, `[b, s, V]`.
+    fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3>;
+    /// See [`Eagle3Model::step_with_cache`].
+    fn step_with_cache(
+        &self,
+        rope: &Rope,
+        cache: &mut Eagle3Cache<B>,
+        h: Tensor<B, 3>,
+        tokens: &[u32],
+        causal: bool,
+    ) -> Tensor<B, 3>;
+}
+
+impl<B: Backend> Eagle3Inference<B> for Eagle3Model<B> {
+    fn head(&self) -> HeadWeights<B> {
+        Eagle3Model::head(self)
+    }
+    fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        Eagle3Model::logits(self, h)
+    }
+    fn step_with_cache(
+        &self,
+        rope: &Rope,
+        cache: &mut Eagle3Cache<B>,
+        h: Tensor<B, 3>,
+        tokens: &[u32],
+        causal: bool,
+    ) -> Tensor<B, 3> {
+        Eagle3Model::step_with_cache(self, rope, cache, h, tokens, causal)
+    }
+}
+
 /// The Eagle3 layer's inference cache (one row, the shared [`KvCache`]).
 #[derive(Debug, Clone)]
 pub struct Eagle3Cache<B: Backend> {
-    kv: KvCache<B>,
+    pub(crate) kv: KvCache<B>,
 }
 
 impl<B: Backend> Eagle3Cache<B> {

@@ -8,7 +8,7 @@
 //! soft-capped.
 
 use super::dspark_gemma4::layer as gemma4_layer;
-use super::eagle3::Eagle3Drafter;
+use super::eagle3::{Eagle3Cache, Eagle3Drafter, Eagle3Inference};
 use super::{frozen_embedding_and_head, linear_from, norm_from, DrafterConfig, HeadWeights};
 use crate::io::WeightSource;
 use crate::model::attention::{attention, Visibility};
@@ -174,5 +174,71 @@ impl<B: Backend> Eagle3Drafter<B> for Eagle3Gemma4Model<B> {
             outputs.push(h.clone());
         }
         outputs
+    }
+}
+
+impl<B: Backend> Eagle3Inference<B> for Eagle3Gemma4Model<B> {
+    fn head(&self) -> HeadWeights<B> {
+        Eagle3Drafter::head(self)
+    }
+
+    fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        Eagle3Drafter::head(self).base_logits(self.norm.forward(h))
+    }
+
+    /// As [`super::Eagle3Model::step_with_cache`], on the Gemma4 layer.
+    fn step_with_cache(
+        &self,
+        rope: &Rope,
+        cache: &mut Eagle3Cache<B>,
+        h: Tensor<B, 3>,
+        tokens: &[u32],
+        causal: bool,
+    ) -> Tensor<B, 3> {
+        let device = h.device();
+        let m = tokens.len();
+        let h = if h.dims()[2] == self.fc.in_features() {
+            self.fc.forward(h)
+        } else {
+            h
+        };
+        let hidden = self.norm.weight.dims()[0];
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, m]),
+            &device,
+        );
+        let first = cache.len() as i64;
+        let positions = vec![(first..first + m as i64).collect::<Vec<_>>()];
+        let (cos, sin) = rope.tables::<B>(&positions, &device);
+        let causal_visibility = cache.kv.begin_step(&positions, &device);
+        let visibility = if causal {
+            causal_visibility
+        } else {
+            Visibility::All
+        };
+        let layer = &self.layers[0];
+        let attn = &layer.self_attn;
+        let emb = self.embed_tokens.forward(ids) * ((hidden as f32).sqrt() as f64);
+        let x = Tensor::cat(
+            vec![
+                layer.input_layernorm.forward(emb),
+                layer.hidden_norm.forward(h.clone()),
+            ],
+            2,
+        );
+        let q = attn.queries(x.clone(), &cos, &sin);
+        let (k, v) = attn
+            .keys_values(x, &cos, &sin)
+            .expect("the Eagle3 layer has its own keys");
+        let (k, v) = cache.kv.append(0, k, v);
+        layer_finish(
+            h,
+            attn.output(attention(q, k, v, &visibility, 1.0)),
+            &layer.post_attention_layernorm,
+            &layer.pre_feedforward_layernorm,
+            &layer.mlp,
+            &layer.post_feedforward_layernorm,
+            &layer.layer_scalar,
+        )
     }
 }

@@ -14,10 +14,10 @@ pub mod init;
 pub mod layout;
 
 pub use config::{Algorithm, DrafterConfig, MarkovKind};
-pub use dspark::{BlockDraft, BlockFeatures, BlockInputs, DSparkModel};
+pub use dspark::{BlockDraft, BlockFeatures, BlockInference, BlockInputs, DSparkModel};
 pub use dspark_gemma4::DSparkGemma4Model;
 pub use dspark_v4::{DSparkV4Keys, DSparkV4Model};
-pub use eagle3::{Eagle3Drafter, Eagle3Model};
+pub use eagle3::{Eagle3Drafter, Eagle3Inference, Eagle3Model};
 pub use eagle3_gemma4::Eagle3Gemma4Model;
 
 use crate::io::safetensors::{write_tensors, Dtype, NamedTensor, SafetensorsCheckpoint};
