@@ -1,7 +1,7 @@
-//! A Gemma4 drafter from the command line where the Gemma4 target does not run: the Gemma4
-//! fixtures' reference cache imported, a DSpark and an Eagle3 drafter trained on it from the
-//! recipes' settings (sized to the fixture target), their checkpoints holding exactly the
-//! reference's keys, shapes and config fields, and scored offline.
+//! Gemma4 from the command line: the fixtures' reference cache imported, a DSpark, a DFlash and
+//! an Eagle3 drafter trained on it from the recipes' settings (sized to the fixture target),
+//! their checkpoints holding exactly the reference's keys, shapes and config fields, scored
+//! offline and online against the fixture target; and `prepare` on that target.
 
 use deepspec_core::fixtures::{golden_gemma4_dir, workspace_root};
 use deepspec_core::io::safetensors::SafetensorsFile;
@@ -55,7 +55,7 @@ fn recipe(dir: &Path, algo: &str, cache: &Path) -> std::path::PathBuf {
 }
 
 #[test]
-fn gemma4_drafters_train_from_an_imported_cache_and_score_offline() {
+fn gemma4_drafters_train_from_an_imported_cache_and_score_offline_and_online() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     ok(&deepspec(&[
@@ -64,7 +64,9 @@ fn gemma4_drafters_train_from_an_imported_cache_and_score_offline() {
         s(&golden_gemma4_dir().join("cache")),
         s(&cache),
     ]));
-    for algo in ["dspark", "eagle3"] {
+    let prompts = tmp.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"turns\": [\"<t5> <t6> <t7>\"]}\n").unwrap();
+    for algo in ["dspark", "dflash", "eagle3"] {
         let r = recipe(tmp.path(), algo, &cache);
         let out = tmp.path().join(format!("run-{algo}"));
         let said = ok(&deepspec(&[
@@ -110,11 +112,32 @@ fn gemma4_drafters_train_from_an_imported_cache_and_score_offline() {
             "--report",
             s(&report),
         ]));
-        let r: serde_json::Value =
+        let scored: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-        let tau = r["offline"]["tau_greedy"].as_f64().unwrap();
-        assert!(tau >= 1.0, "{algo}: {r}");
-        eprintln!("{algo}: offline τ {tau:.3} (T=0) after 3 steps");
+        let tau = scored["offline"]["tau_greedy"].as_f64().unwrap();
+        assert!(tau >= 1.0, "{algo}: {scored}");
+        // And online, the Gemma4 target verifying.
+        let online = tmp.path().join(format!("{algo}-online.json"));
+        ok(&deepspec(&[
+            "eval",
+            "--recipe",
+            s(&r),
+            "--drafter",
+            s(&ours),
+            "--prompts",
+            s(&prompts),
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--report",
+            s(&online),
+        ]));
+        let on: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&online).unwrap()).unwrap();
+        let online_tau = on["sets"]["prompts"]["tau"].as_f64().unwrap();
+        assert!(online_tau >= 1.0, "{algo}: {on}");
+        eprintln!("{algo}: τ after 3 steps: offline {tau:.3} (T=0), online {online_tau:.3} (T=0)");
     }
 }
 
