@@ -148,16 +148,21 @@ fn dump_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// The target's final norm weight (`model.norm.weight`), from its folder or GGUF file.
-fn final_norm(target: &Path, hidden: usize) -> anyhow::Result<Vec<f32>> {
+/// The target's final norm weight, from its folder or GGUF file: `model.norm.weight`, or
+/// Gemma4's `model.language_model.norm.weight`.
+fn final_norm(target: &Path, family: Family, hidden: usize) -> anyhow::Result<Vec<f32>> {
     let is_gguf = target
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let name = match family {
+        Family::Gemma4 => "model.language_model.norm.weight",
+        _ => "model.norm.weight",
+    };
     let weight = if is_gguf {
         let file = GgufFile::open(target)?;
-        GgufWeights::new(file, 1, 1).tensor_shaped("model.norm.weight", &[hidden])?
+        GgufWeights::new(file, 1, 1).tensor_shaped(name, &[hidden])?
     } else {
-        SafetensorsCheckpoint::open_dir(target)?.tensor_shaped("model.norm.weight", &[hidden])?
+        SafetensorsCheckpoint::open_dir(target)?.tensor_shaped(name, &[hidden])?
     };
     Ok(weight.data)
 }
@@ -425,7 +430,10 @@ pub fn import_vllm(
     manifest.store(out)?;
 
     let norm = match opts.last_slot {
-        LastSlot::PreNorm => Some((final_norm(target, config.hidden_size)?, config.rms_norm_eps)),
+        LastSlot::PreNorm => Some((
+            final_norm(target, config.family, config.hidden_size)?,
+            config.rms_norm_eps,
+        )),
         LastSlot::PostNorm => None,
     };
     let importer = Importer {
@@ -519,6 +527,28 @@ mod tests {
         assert_eq!(map.dump_layer_ids, vec![0, 2, 4, 6]);
         assert_eq!(map.tap_slots, vec![1, 2]);
         assert_eq!(map.last_slot, 3);
+    }
+
+    /// The final norm a pre-norm import applies is the target's own, under each family's name.
+    #[test]
+    fn the_final_norm_is_read_under_each_familys_name() {
+        for (dir, family, name) in [
+            (
+                crate::fixtures::golden_dir().join("target"),
+                Family::Qwen3,
+                "model.norm.weight",
+            ),
+            (
+                crate::fixtures::golden_gemma4_dir().join("target"),
+                Family::Gemma4,
+                "model.language_model.norm.weight",
+            ),
+        ] {
+            let file = crate::io::safetensors::SafetensorsFile::open(dir.join("model.safetensors"))
+                .unwrap();
+            let want = file.f32(name).unwrap();
+            assert_eq!(final_norm(&dir, family, want.shape[0]).unwrap(), want.data);
+        }
     }
 
     #[test]
