@@ -271,3 +271,71 @@ fn golden_gemma4_target_incremental_matches_full_forward() {
     }
     eprintln!("incremental against full forward: max |diff| {worst:.3e}");
 }
+
+/// An untied head: the fixture target with an `lm_head.weight` of twice the embedding (and
+/// its text config still saying `tie_word_embeddings: true`, the library default) loads that
+/// head, so its logits before the cap are exactly twice the tied model's.
+#[test]
+fn golden_gemma4_target_untied_head() {
+    use deepspec_core::io::safetensors::{write_f32, NamedTensor};
+    let src = golden_gemma4_dir().join("target");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let file = SafetensorsFile::open(src.join("model.safetensors")).unwrap();
+    let mut tensors: Vec<(String, deepspec_core::io::HostTensor)> = file
+        .tensor_names()
+        .map(|n| (n.clone(), file.f32(n).unwrap()))
+        .collect();
+    let mut head = file
+        .f32("model.language_model.embed_tokens.weight")
+        .unwrap();
+    head.data.iter_mut().for_each(|v| *v *= 2.0);
+    tensors.push(("lm_head.weight".into(), head));
+    let named: Vec<NamedTensor> = tensors
+        .iter()
+        .map(|(name, t)| NamedTensor {
+            name,
+            shape: &t.shape,
+            data: &t.data,
+        })
+        .collect();
+    write_f32(
+        &dir.path().join("model.safetensors"),
+        &named,
+        &Default::default(),
+    )
+    .unwrap();
+    let device = Default::default();
+    let untied = load_target::<B>(dir.path(), &device).unwrap();
+    let (inputs, tied, out, _) = run();
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(inputs.ids.clone(), [inputs.batch, inputs.seq]),
+        &device,
+    );
+    let again = untied
+        .model
+        .forward_padded(&untied.rope, ids, &inputs.real, &[], LogitsFor::None);
+    let (
+        deepspec_core::model::TargetNet::Gemma4 { model: a, .. },
+        deepspec_core::model::TargetNet::Gemma4 { model: b, .. },
+    ) = (&untied.model, &tied.model)
+    else {
+        panic!("Gemma4 targets");
+    };
+    assert!(a.lm_head.is_some() && b.lm_head.is_none());
+    let doubled: Vec<f32> = to_host(b.head(out.final_hidden))
+        .data
+        .iter()
+        .map(|v| 2.0 * v)
+        .collect();
+    let got = to_host(a.head(again.final_hidden)).data;
+    assert_close(
+        "untied logits_before_softcap",
+        &got,
+        &doubled,
+        &inputs,
+        1e-6,
+    );
+}

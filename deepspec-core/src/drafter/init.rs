@@ -246,10 +246,11 @@ pub fn new_gemma4_drafter<B: Backend>(
     let src = crate::io::safetensors::SafetensorsCheckpoint::open_dir(target_dir)?;
     let shape = [target.vocab_size, target.hidden_size];
     let embed = src.tensor_shaped("model.language_model.embed_tokens.weight", &shape)?;
-    let head = if target.tie_word_embeddings {
-        embed.clone()
-    } else {
+    // As the target loads it: a stored `lm_head.weight` is the head.
+    let head = if src.contains("lm_head.weight") || !target.tie_word_embeddings {
         src.tensor_shaped("lm_head.weight", &shape)?
+    } else {
+        embed.clone()
     };
     let source = InitSource {
         origin: target_dir.to_path_buf(),

@@ -585,10 +585,12 @@ impl<B: Backend> Gemma4Target<B> {
                 ),
             });
         }
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
+        // A stored `lm_head.weight` is an untied head whatever the flags say (the text
+        // config's `tie_word_embeddings` defaults to true under an untied wrapper).
+        let lm_head = if src.contains("lm_head.weight") || !c.tie_word_embeddings {
             Some(linear(src, "lm_head", c.vocab_size, h, device)?)
+        } else {
+            None
         };
         Ok(Gemma4Target {
             embed_tokens: param_from_host(embed, device),
