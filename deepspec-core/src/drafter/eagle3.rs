@@ -144,31 +144,15 @@ impl<B: Backend> Eagle3Model<B> {
         steps: usize,
     ) -> Vec<Tensor<B, 3>> {
         let device = ctx_raw.device();
-        let [batch, len, _] = ctx_raw.dims();
+        let [_, len, _] = ctx_raw.dims();
         let layer = &self.layers[0];
         let mut h = self.fc.forward(ctx_raw);
         let mut keys: Vec<Tensor<B, 4>> = Vec::with_capacity(steps);
         let mut values: Vec<Tensor<B, 4>> = Vec::with_capacity(steps);
         let mut outputs = Vec::with_capacity(steps);
-        let lens = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(lens.iter().map(|&l| l as i64).collect::<Vec<_>>(), [batch]),
-            &device,
-        );
+        let lens = lens_tensor::<B>(lens, &device);
         for step in 0..steps {
-            let ids: Vec<i64> = input_ids
-                .iter()
-                .flat_map(|row| (0..len).map(move |t| row.get(t + step + 1).copied().unwrap_or(0)))
-                .collect();
-            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, len]), &device);
-            let positions: Vec<Vec<i64>> = (0..batch)
-                .map(|_| (0..len).map(|t| (t + step) as i64).collect())
-                .collect();
-            let (cos, sin) = rope.tables::<B>(&positions, &device);
-            let visibility = Visibility::Ttt {
-                lens: lens.clone(),
-                len,
-                step,
-            };
+            let (ids, cos, sin, visibility) = ttt_step(rope, input_ids, &lens, len, step);
             h = layer.forward(self.embed_tokens.forward(ids), h, |attn, x| {
                 let q = attn.queries(x.clone(), &cos, &sin);
                 let (k, v) = attn.keys_values(x, &cos, &sin);
@@ -185,6 +169,69 @@ impl<B: Backend> Eagle3Model<B> {
         }
         outputs
     }
+}
+
+/// One step's inputs: token ids `[b, s]`, RoPE tables and what each query sees.
+pub(crate) type StepInputs<B> = (Tensor<B, 2, Int>, Tensor<B, 4>, Tensor<B, 4>, Visibility<B>);
+
+/// `[b]` real lengths on the device.
+pub(crate) fn lens_tensor<B: Backend>(lens: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    let values: Vec<i64> = lens.iter().map(|&l| l as i64).collect();
+    Tensor::from_data(TensorData::new(values, [lens.len()]), device)
+}
+
+/// Training-time-test step `step` over right-padded rows of length `len`: position `t` is
+/// paired with token `t + step + 1` (0 past the row) at RoPE position `t + step`.
+pub(crate) fn ttt_step<B: Backend>(
+    rope: &Rope,
+    input_ids: &[Vec<i64>],
+    lens: &Tensor<B, 1, Int>,
+    len: usize,
+    step: usize,
+) -> StepInputs<B> {
+    let device = lens.device();
+    let batch = input_ids.len();
+    let ids: Vec<i64> = input_ids
+        .iter()
+        .flat_map(|row| (0..len).map(move |t| row.get(t + step + 1).copied().unwrap_or(0)))
+        .collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, len]), &device);
+    let positions: Vec<Vec<i64>> = (0..batch)
+        .map(|_| (0..len).map(|t| (t + step) as i64).collect())
+        .collect();
+    let (cos, sin) = rope.tables::<B>(&positions, &device);
+    let visibility = Visibility::Ttt {
+        lens: lens.clone(),
+        len,
+        step,
+    };
+    (ids, cos, sin, visibility)
+}
+
+/// An inference step of `tokens [m]` at positions `cache.len()..`, registered with `cache`:
+/// `causal` new queries see earlier new keys only; otherwise every key.
+pub(crate) fn cached_step<B: Backend>(
+    rope: &Rope,
+    cache: &mut Eagle3Cache<B>,
+    tokens: &[u32],
+    causal: bool,
+    device: &B::Device,
+) -> StepInputs<B> {
+    let m = tokens.len();
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, m]),
+        device,
+    );
+    let first = cache.len() as i64;
+    let positions = vec![(first..first + m as i64).collect::<Vec<_>>()];
+    let (cos, sin) = rope.tables::<B>(&positions, device);
+    let causal_visibility = cache.kv.begin_step(&positions, device);
+    let visibility = if causal {
+        causal_visibility
+    } else {
+        Visibility::All
+    };
+    (ids, cos, sin, visibility)
 }
 
 /// What the Eagle3 training loss needs from a drafter: the unrolled training forward, the
@@ -311,25 +358,12 @@ impl<B: Backend> Eagle3Model<B> {
         causal: bool,
     ) -> Tensor<B, 3> {
         let device = h.device();
-        let m = tokens.len();
         let h = if h.dims()[2] == self.fc.in_features() {
             self.fc.forward(h)
         } else {
             h
         };
-        let ids = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, m]),
-            &device,
-        );
-        let first = cache.len() as i64;
-        let positions = vec![(first..first + m as i64).collect::<Vec<_>>()];
-        let (cos, sin) = rope.tables::<B>(&positions, &device);
-        let causal_visibility = cache.kv.begin_step(&positions, &device);
-        let visibility = if causal {
-            causal_visibility
-        } else {
-            Visibility::All
-        };
+        let (ids, cos, sin, visibility) = cached_step(rope, cache, tokens, causal, &device);
         self.layers[0].forward(self.embed_tokens.forward(ids), h, |attn, x| {
             crate::model::transformer::cached_attention(
                 attn,

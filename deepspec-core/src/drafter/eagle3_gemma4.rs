@@ -8,10 +8,12 @@
 //! soft-capped.
 
 use super::dspark_gemma4::layer as gemma4_layer;
-use super::eagle3::{Eagle3Cache, Eagle3Drafter, Eagle3Inference};
+use super::eagle3::{
+    cached_step, lens_tensor, ttt_step, Eagle3Cache, Eagle3Drafter, Eagle3Inference,
+};
 use super::{frozen_embedding_and_head, linear_from, norm_from, DrafterConfig, HeadWeights};
 use crate::io::WeightSource;
-use crate::model::attention::{attention, Visibility};
+use crate::model::attention::attention;
 use crate::model::embedding::Embedding;
 use crate::model::gemma4::{layer_finish, Gemma4Attention, Gemma4Layer, Gemma4Mlp};
 use crate::model::linear::Linear;
@@ -19,7 +21,7 @@ use crate::model::norm::RmsNorm;
 use crate::model::rope::Rope;
 use crate::LoadError;
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor};
 
 #[derive(Module, Debug)]
 pub struct Eagle3Gemma4Layer<B: Backend> {
@@ -113,7 +115,7 @@ impl<B: Backend> Eagle3Drafter<B> for Eagle3Gemma4Model<B> {
         steps: usize,
     ) -> Vec<Tensor<B, 3>> {
         let device = ctx_raw.device();
-        let [batch, len, _] = ctx_raw.dims();
+        let [_, len, _] = ctx_raw.dims();
         let hidden = self.norm.weight.dims()[0];
         let layer = &self.layers[0];
         let attn = &layer.self_attn;
@@ -122,25 +124,9 @@ impl<B: Backend> Eagle3Drafter<B> for Eagle3Gemma4Model<B> {
         let mut keys: Vec<Tensor<B, 4>> = Vec::with_capacity(steps);
         let mut values: Vec<Tensor<B, 4>> = Vec::with_capacity(steps);
         let mut outputs = Vec::with_capacity(steps);
-        let lens = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(lens.iter().map(|&l| l as i64).collect::<Vec<_>>(), [batch]),
-            &device,
-        );
+        let lens = lens_tensor::<B>(lens, &device);
         for step in 0..steps {
-            let ids: Vec<i64> = input_ids
-                .iter()
-                .flat_map(|row| (0..len).map(move |t| row.get(t + step + 1).copied().unwrap_or(0)))
-                .collect();
-            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, len]), &device);
-            let positions: Vec<Vec<i64>> = (0..batch)
-                .map(|_| (0..len).map(|t| (t + step) as i64).collect())
-                .collect();
-            let (cos, sin) = rope.tables::<B>(&positions, &device);
-            let visibility = Visibility::Ttt {
-                lens: lens.clone(),
-                len,
-                step,
-            };
+            let (ids, cos, sin, visibility) = ttt_step(rope, input_ids, &lens, len, step);
             let emb = self.embed_tokens.forward(ids) * scale;
             let x = Tensor::cat(
                 vec![
@@ -196,26 +182,13 @@ impl<B: Backend> Eagle3Inference<B> for Eagle3Gemma4Model<B> {
         causal: bool,
     ) -> Tensor<B, 3> {
         let device = h.device();
-        let m = tokens.len();
         let h = if h.dims()[2] == self.fc.in_features() {
             self.fc.forward(h)
         } else {
             h
         };
         let hidden = self.norm.weight.dims()[0];
-        let ids = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, m]),
-            &device,
-        );
-        let first = cache.len() as i64;
-        let positions = vec![(first..first + m as i64).collect::<Vec<_>>()];
-        let (cos, sin) = rope.tables::<B>(&positions, &device);
-        let causal_visibility = cache.kv.begin_step(&positions, &device);
-        let visibility = if causal {
-            causal_visibility
-        } else {
-            Visibility::All
-        };
+        let (ids, cos, sin, visibility) = cached_step(rope, cache, tokens, causal, &device);
         let layer = &self.layers[0];
         let attn = &layer.self_attn;
         let emb = self.embed_tokens.forward(ids) * ((hidden as f32).sqrt() as f64);
