@@ -6,6 +6,7 @@
 use crate::calibration::PositionCalibration;
 use crate::datasets::Domain;
 use crate::metrics::SweepPoint;
+use crate::serving::ServePoint;
 use anyhow::{anyhow, Context};
 use plotters::prelude::*;
 use std::collections::BTreeMap;
@@ -48,7 +49,11 @@ fn colour(i: usize) -> RGBColor {
         RGBColor(255, 127, 14),
         RGBColor(44, 160, 44),
         RGBColor(214, 39, 40),
-    ][i % 4]
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+    ][i % 8]
 }
 
 /// Conditional acceptance at each draft position, one line per domain.
@@ -229,4 +234,110 @@ pub fn threshold_sweep(path: &Path, sweep: &[SweepPoint]) -> anyhow::Result<()> 
         Ok(())
     };
     draw().map_err(|e| anyhow!("drawing {}: {e}", path.display()))
+}
+
+/// Per policy, its points in ascending concurrency: `(x(point), y(point))`.
+fn policy_curves(
+    points: &[ServePoint],
+    xy: impl Fn(&ServePoint) -> (f64, f64),
+) -> Vec<(String, Vec<(f64, f64)>)> {
+    let mut names: Vec<String> = Vec::new();
+    for p in points {
+        if !names.contains(&p.policy) {
+            names.push(p.policy.clone());
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let mut pts: Vec<&ServePoint> = points.iter().filter(|p| p.policy == name).collect();
+            pts.sort_by_key(|p| p.concurrency);
+            let curve = pts.into_iter().map(&xy).collect();
+            (name, curve)
+        })
+        .collect()
+}
+
+/// Lines with markers, one per named curve, on linear axes from 0.
+fn curves_chart(
+    path: &Path,
+    caption: &str,
+    (x_desc, y_desc): (&str, &str),
+    curves: &[(String, Vec<(f64, f64)>)],
+    x_log2: bool,
+) -> anyhow::Result<()> {
+    register_font()?;
+    let all = curves.iter().flat_map(|(_, c)| c.iter());
+    let (x_max, y_max) = all.fold((0f64, 0f64), |(x, y), &(a, b)| (x.max(a), y.max(b)));
+    let tx = |x: f64| if x_log2 { x.max(1.0).log2() } else { x };
+    let x_range = 0f64..(tx(x_max) * 1.1).max(1.0);
+    let draw = || -> DrawResult {
+        let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(caption, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x_range.clone(), 0f64..(y_max * 1.1).max(1e-9))?;
+        let x_fmt = |x: &f64| {
+            if x_log2 {
+                format!("{:.0}", 2f64.powf(*x))
+            } else {
+                format!("{x:.0}")
+            }
+        };
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .x_label_formatter(&x_fmt)
+            .draw()?;
+        for (i, (name, curve)) in curves.iter().enumerate() {
+            let c = colour(i);
+            let pts: Vec<(f64, f64)> = curve.iter().map(|&(x, y)| (tx(x), y)).collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
+            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, c.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow!("drawing {}: {e}", path.display()))
+}
+
+/// The paper's Figure 7: aggregate throughput against per-user speed, one curve per policy
+/// through its loads (higher concurrency: further left, higher up).
+pub fn serving_frontier(path: &Path, points: &[ServePoint]) -> anyhow::Result<()> {
+    let curves = policy_curves(points, |p| {
+        (p.per_user_tokens_per_s.mean, p.aggregate_tokens_per_s)
+    });
+    curves_chart(
+        path,
+        "Throughput against per-user speed",
+        ("per-user tokens/s (mean)", "aggregate tokens/s"),
+        &curves,
+        false,
+    )
+}
+
+/// The paper's Figure 8: tokens verified per request per round against concurrency.
+pub fn verified_budget(path: &Path, points: &[ServePoint]) -> anyhow::Result<()> {
+    let curves = policy_curves(points, |p| (p.concurrency as f64, p.verified_per_request));
+    curves_chart(
+        path,
+        "Verified tokens per request per round",
+        ("concurrency", "verified tokens per request"),
+        &curves,
+        true,
+    )
 }

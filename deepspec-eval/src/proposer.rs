@@ -10,7 +10,7 @@ use deepspec_core::drafter::dspark::ContextCache;
 use deepspec_core::drafter::eagle3::Eagle3Cache;
 use deepspec_core::drafter::{BlockInference, Eagle3Inference};
 use deepspec_core::model::rope::Rope;
-use deepspec_core::sampling::{is_greedy, sigmoid, Sampler};
+use deepspec_core::sampling::{is_greedy, Sampler};
 
 /// One round's proposal.
 #[derive(Debug, Clone, Default)]
@@ -27,8 +27,6 @@ pub struct Proposal {
 
 pub struct ProposeParams {
     pub temperature: f32,
-    /// DSpark: stop the block at the first slot whose confidence is below this (0 = never).
-    pub confidence_threshold: f64,
     pub stop_ids: Vec<u32>,
 }
 
@@ -141,20 +139,16 @@ impl<B: Backend> Proposer<B> for DSparkProposer<'_, B> {
         );
         proposal.tokens = draft.tokens;
         proposal.confidence_logits = draft.confidence_logits;
-        if params.confidence_threshold > 0.0 && !proposal.confidence_logits.is_empty() {
-            let keep = proposal
-                .confidence_logits
-                .iter()
-                .position(|&z| sigmoid(z as f64) < params.confidence_threshold)
-                .unwrap_or(self.block_size);
-            proposal.tokens.truncate(keep);
-            proposal.probs.truncate(keep);
-        }
         proposal
     }
 
     fn update(&mut self, features: Tensor<B, 3>, _committed: &[u32], _start: usize) {
-        self.pending = Some(features);
+        // Rounds that did not draft (a scheduler saw no gain in it) leave their features
+        // pending too: the next proposal extends the context by all of them.
+        self.pending = Some(match self.pending.take() {
+            Some(old) => Tensor::cat(vec![old, features], 1),
+            None => features,
+        });
     }
 }
 

@@ -82,6 +82,8 @@ pub struct Report {
     pub temperature: f32,
     pub max_new_tokens: usize,
     pub confidence_threshold: f64,
+    /// The verification policy (`full`, `threshold:T`, `fixed:N`, `alg1`, `async`, `none`).
+    pub policy: String,
     pub calibration: Option<CalibrationReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offline: Option<OfflineSummary>,

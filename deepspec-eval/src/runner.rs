@@ -2,9 +2,10 @@
 //! back for multi-turn sets, and collects traces and statistics.
 
 use crate::datasets::Dataset;
-use crate::engine::{decode_batch, DecodeParams, DecodeTrace};
+use crate::engine::{decode_scheduled, DecodeParams, DecodeTrace};
 use crate::metrics::AcceptanceStats;
 use crate::proposer::{DSparkProposer, Eagle3Proposer, Proposer};
+use crate::schedule::Schedule;
 use burn::tensor::backend::Backend;
 use deepspec_core::drafter::{Drafter, DrafterConfig};
 use deepspec_core::io::chat::{ChatTemplate, Message};
@@ -91,6 +92,7 @@ pub fn run_set<B: Backend>(
     params: &DecodeParams,
     seed: u64,
     batch_size: usize,
+    schedule: &Schedule,
     progress: &Progress,
 ) -> anyhow::Result<SetRun> {
     check_online(drafter)?;
@@ -130,7 +132,16 @@ pub fn run_set<B: Backend>(
                 .filter(|(r, _)| rows.contains(r))
                 .map(|(_, g)| g as &mut dyn Sampler)
                 .collect();
-            let decoded = decode_batch(target, &mut proposers, &prompts, params, &mut samplers);
+            let mut policy = schedule.policy()?;
+            let decoded = decode_scheduled(
+                target,
+                &mut proposers,
+                &prompts,
+                params,
+                &mut samplers,
+                policy.as_mut(),
+                &schedule.temperatures,
+            );
             for (&r, trace) in rows.iter().zip(decoded) {
                 let answer_ids = &trace.output_ids[trace.prompt_len..];
                 run.generated += answer_ids.len();

@@ -16,6 +16,12 @@ pub enum BenchCommand {
     Train(TrainBench),
     /// Speculative decoding against target-only decoding, same engine, one run.
     Eval(EvalBench),
+    /// The step-cost profile: target pass time per verified token count, drafting time per
+    /// number of requests (a JSON table for `--sps-table`).
+    Sps(crate::commands::serving::SpsBench),
+    /// Verification policies × loads through the continuous-batching engine: throughput,
+    /// per-user speed, τ, verified budget, each round's split (JSON report, table, plots).
+    Serve(crate::commands::serving::ServeBench),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -23,6 +29,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Target(args) => dispatch(args.device, args),
         BenchCommand::Train(args) => dispatch(args.device, args),
         BenchCommand::Eval(args) => dispatch(args.device, args),
+        BenchCommand::Sps(args) => dispatch(args.device, args),
+        BenchCommand::Serve(args) => dispatch(args.device, args),
     }
 }
 

@@ -62,6 +62,15 @@ pub struct EvalArgs {
     /// blocks) [default: the recipe's eval.confidence_threshold, else 0].
     #[arg(long)]
     pub confidence_threshold: Option<f64>,
+    /// How many drafts each round verifies: full, fixed:N, threshold:T, alg1 (the
+    /// hardware-aware prefix scheduler) or async (its production variant) [default:
+    /// threshold:T with the confidence threshold, full at 0]. Confidences are read through
+    /// the drafter's calibration.json (STS temperatures) when it has one.
+    #[arg(long)]
+    pub policy: Option<deepspec_eval::schedule::PolicySpec>,
+    /// The step-cost profile alg1 and async weigh tokens against (`deepspec bench sps`).
+    #[arg(long)]
+    pub sps_table: Option<PathBuf>,
     /// [default: the recipe's eval.seed, else 980406]
     #[arg(long)]
     pub seed: Option<u64>,
@@ -148,6 +157,50 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl EvalArgs {
+    /// The verification policy: `--policy`, else the plan's confidence threshold.
+    fn schedule(
+        &self,
+        plan: &deepspec_eval::plan::EvalPlan,
+        config: &deepspec_core::drafter::DrafterConfig,
+    ) -> anyhow::Result<deepspec_eval::schedule::Schedule> {
+        use deepspec_eval::schedule::{CostModel, PassShape, PolicySpec, Schedule, SpsTable};
+        let spec = match &self.policy {
+            Some(p) => p.clone(),
+            None if plan.confidence_threshold > 0.0 => {
+                PolicySpec::Threshold(plan.confidence_threshold)
+            }
+            None => PolicySpec::Full,
+        };
+        let reads_confidence = matches!(
+            spec,
+            PolicySpec::Threshold(_) | PolicySpec::Alg1 | PolicySpec::Async
+        );
+        if reads_confidence && !config.confidence_head && self.policy.is_some() {
+            anyhow::bail!(
+                "--policy {spec} reads confidences, and {} has no confidence head ({}): use \
+                 full or fixed:N",
+                self.drafter.display(),
+                config.algorithm.name()
+            );
+        }
+        let cost = match &self.sps_table {
+            Some(path) => Some(CostModel {
+                table: SpsTable::load(path)?,
+                shape: PassShape::Padded,
+            }),
+            None => None,
+        };
+        // Fails here, naming --sps-table, rather than at the first batch.
+        spec.build(cost.as_ref())?;
+        Ok(Schedule {
+            spec,
+            cost,
+            temperatures: deepspec_eval::schedule::sts_temperatures(&self.drafter)?,
+        })
+    }
+}
+
 impl OnBackend for EvalArgs {
     /// Whether the regression gate passed (true without a baseline).
     type Output = bool;
@@ -204,6 +257,7 @@ impl OnBackend for EvalArgs {
             .context("compiling the chat template")?;
         let sets = load_sets(&plan.sets, plan.selection())?;
         let params = plan.decode_params(&target.tokenizer, &template, &config)?;
+        let schedule = self.schedule(&plan, &config)?;
         let mut traces_out = match &self.traces {
             Some(path) => Some(TraceWriter::create(path)?),
             None => None,
@@ -220,6 +274,7 @@ impl OnBackend for EvalArgs {
             temperature: plan.temperature,
             max_new_tokens: plan.max_new_tokens,
             confidence_threshold: plan.confidence_threshold,
+            policy: schedule.spec.to_string(),
             calibration: None,
             offline: None,
         };
@@ -249,6 +304,7 @@ impl OnBackend for EvalArgs {
                 &params,
                 plan.seed,
                 plan.batch_size,
+                &schedule,
                 &progress,
             )?;
             progress.finish();

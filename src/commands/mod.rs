@@ -6,6 +6,7 @@ pub mod export;
 pub mod generate;
 pub mod offline;
 pub mod prepare;
+pub mod serving;
 pub mod train;
 
 use std::path::Path;

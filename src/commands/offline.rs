@@ -204,6 +204,7 @@ pub fn run<B: Backend>(
         temperature,
         max_new_tokens: 0,
         confidence_threshold: 0.0,
+        policy: "full".into(),
         calibration: None,
         offline: Some(OfflineSummary {
             cache: cache.display().to_string(),

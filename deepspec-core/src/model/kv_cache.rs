@@ -120,11 +120,18 @@ impl<B: Backend> KvCache<B> {
         }
     }
 
-    /// Writes `k`/`v` at slots `at..`, doubling the buffers until they fit.
-    fn write(&mut self, layer: usize, at: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) {
-        let [batch, heads, m, d] = k.dims();
-        let end = at + m;
-        let (ck, cv) = match self.layers[layer].take() {
+    /// Takes layer `layer`'s buffers, doubled until they hold `end` slots (the first `keep`
+    /// slots kept), allocated `[self.batch(), heads, _, d]` like `like` on a first write.
+    fn take_with_capacity(
+        &mut self,
+        layer: usize,
+        end: usize,
+        keep: usize,
+        like: &Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [_, heads, _, d] = like.dims();
+        let batch = self.batch();
+        match self.layers[layer].take() {
             Some((ck, cv)) if ck.dims()[2] >= end => (ck, cv),
             old => {
                 let mut capacity = old
@@ -133,12 +140,12 @@ impl<B: Backend> KvCache<B> {
                 while capacity < end {
                     capacity *= 2;
                 }
-                let device = k.device();
+                let device = like.device();
                 let grown =
-                    || Tensor::<B, 4>::zeros([batch, heads, capacity, d], (&device, k.dtype()));
+                    || Tensor::<B, 4>::zeros([batch, heads, capacity, d], (&device, like.dtype()));
                 let (mut nk, mut nv) = (grown(), grown());
                 if let Some((ok, ov)) = old {
-                    let kept = ok.dims()[2].min(at);
+                    let kept = ok.dims()[2].min(keep);
                     nk =
                         nk.slice_assign([0..batch, 0..heads, 0..kept, 0..d], ok.narrow(2, 0, kept));
                     nv =
@@ -146,9 +153,99 @@ impl<B: Backend> KvCache<B> {
                 }
                 (nk, nv)
             }
-        };
+        }
+    }
+
+    /// Writes `k`/`v` at slots `at..`, doubling the buffers until they fit.
+    fn write(&mut self, layer: usize, at: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) {
+        let [batch, heads, m, d] = k.dims();
+        let end = at + m;
+        let (ck, cv) = self.take_with_capacity(layer, end, at, &k);
         let range = [0..batch, 0..heads, at..end, 0..d];
         self.layers[layer] = Some((ck.slice_assign(range.clone(), k), cv.slice_assign(range, v)));
+    }
+
+    /// Replaces row `b` with the one row of `row` (a request prefilled alone joining a running
+    /// batch): its keys go to this row's first slots, the other rows are untouched (they gain
+    /// empty slots if `row` is longer than every slot in use).
+    pub fn load_row(&mut self, b: usize, row: &KvCache<B>) {
+        assert_eq!(row.batch(), 1, "load_row takes a one-row cache");
+        assert_eq!(row.layers.len(), self.layers.len(), "load_row: layer count");
+        let n = row.slots();
+        let slots = self.slots().max(n);
+        for positions in self.slot_positions.iter_mut() {
+            positions.resize(slots, -1);
+        }
+        for p in self.slot_positions[b].iter_mut() {
+            *p = -1;
+        }
+        self.slot_positions[b][..n].copy_from_slice(&row.slot_positions[0]);
+        for layer in 0..self.layers.len() {
+            let Some((rk, rv)) = row.layers[layer].as_ref() else {
+                continue;
+            };
+            let (rk, rv) = (rk.clone().narrow(2, 0, n), rv.clone().narrow(2, 0, n));
+            let [_, heads, _, d] = rk.dims();
+            let kept = self.slots();
+            let (ck, cv) = self.take_with_capacity(layer, slots, kept, &rk);
+            let range = [b..b + 1, 0..heads, 0..n, 0..d];
+            self.layers[layer] = Some((
+                ck.slice_assign(range.clone(), rk),
+                cv.slice_assign(range, rv),
+            ));
+        }
+    }
+
+    /// Slots that hold no key in any row but lie below a slot in use: rolled-back drafts of a
+    /// batch whose rows kept different lengths.
+    pub fn dead_slots(&self) -> usize {
+        let live = (0..self.batch()).map(|b| self.len(b)).max().unwrap_or(0);
+        self.slots() - live
+    }
+
+    /// Moves every row's keys to its first slots, in slot order, and frees the rest: the
+    /// same keys at the same positions, so attention sees exactly what it saw before.
+    pub fn compact(&mut self) {
+        let live: Vec<Vec<usize>> = self
+            .slot_positions
+            .iter()
+            .map(|row| (0..row.len()).filter(|&s| row[s] >= 0).collect())
+            .collect();
+        let width = live.iter().map(Vec::len).max().unwrap_or(0);
+        if width == self.slots() {
+            return;
+        }
+        for layer in self.layers.iter_mut() {
+            let Some((ck, cv)) = layer.take() else {
+                continue;
+            };
+            let device = ck.device();
+            let [batch, heads, capacity, d] = ck.dims();
+            let (mut nk, mut nv) = (ck.clone(), cv.clone());
+            for (b, slots) in live.iter().enumerate() {
+                if slots.is_empty() {
+                    continue;
+                }
+                let index = Tensor::<B, 1, Int>::from_data(
+                    TensorData::new(
+                        slots.iter().map(|&s| s as i64).collect::<Vec<_>>(),
+                        [slots.len()],
+                    ),
+                    &device,
+                );
+                let range = [b..b + 1, 0..heads, 0..slots.len(), 0..d];
+                let row = |t: &Tensor<B, 4>| t.clone().narrow(0, b, 1).select(2, index.clone());
+                nk = nk.slice_assign(range.clone(), row(&ck));
+                nv = nv.slice_assign(range, row(&cv));
+            }
+            debug_assert!(width <= capacity && batch == self.slot_positions.len());
+            *layer = Some((nk, nv));
+        }
+        for (positions, slots) in self.slot_positions.iter_mut().zip(&live) {
+            let mut row: Vec<i64> = slots.iter().map(|&s| positions[s]).collect();
+            row.resize(width, -1);
+            *positions = row;
+        }
     }
 
     /// Writes `k`/`v` at slots `at..` and returns slots `0..` up to the last one written.
@@ -198,6 +295,51 @@ mod tests {
         let keys = step(&mut cache, &[vec![10, 11]], 99.0);
         assert_eq!(keys.len(), 12 * 2);
         assert_eq!(&keys[18..], &[9.0, 9.0, 99.0, 99.0, 99.0, 99.0]);
+    }
+
+    /// Compaction keeps each row's keys in order at their positions and drops the holes; a
+    /// row loaded from a one-row cache reads back its keys without touching the others.
+    #[test]
+    fn compact_and_load_row_keep_every_key() {
+        let mut cache = KvCache::<B>::new(1, 2);
+        step(&mut cache, &[vec![0, 1, 2], vec![0, 1, 2]], 1.0);
+        step(&mut cache, &[vec![3, 4, 5], vec![3, 4, 5]], 2.0);
+        cache.truncate(0, 4);
+        step(&mut cache, &[vec![4, 5], vec![6, 7]], 3.0);
+        cache.truncate(1, 7);
+        assert_eq!(cache.slots(), 8);
+        assert_eq!(cache.dead_slots(), 1);
+        cache.compact();
+        assert_eq!(
+            cache.slot_positions,
+            vec![vec![0, 1, 2, 3, 4, 5, -1], vec![0, 1, 2, 3, 4, 5, 6]]
+        );
+        let read = |cache: &KvCache<B>, b: usize, n: usize| -> Vec<f32> {
+            let (keys, _) = cache.layers[0].clone().unwrap();
+            let row = keys.narrow(0, b, 1).narrow(2, 0, n).narrow(3, 0, 1);
+            row.into_data().into_vec::<f32>().unwrap()
+        };
+        assert_eq!(read(&cache, 0, 6), vec![1., 1., 1., 2., 3., 3.]);
+        assert_eq!(read(&cache, 1, 7), vec![1., 1., 1., 2., 2., 2., 3.]);
+        let mut row = KvCache::<B>::new(1, 1);
+        step(&mut row, &[vec![0, 1, 2, 3, 4, 5, 6]], 7.0);
+        cache.load_row(0, &row);
+        assert_eq!(cache.slots(), 7);
+        assert_eq!((cache.len(0), cache.len(1)), (7, 7));
+        step(&mut cache, &[vec![7], vec![7]], 8.0);
+        assert_eq!(read(&cache, 0, 8), vec![7., 7., 7., 7., 7., 7., 7., 8.]);
+        assert_eq!(read(&cache, 1, 8), vec![1., 1., 1., 2., 2., 2., 3., 8.]);
+        // A longer row widens the cache; the other row's keys stay where they were.
+        let mut long = KvCache::<B>::new(1, 1);
+        step(&mut long, &[(0..10).collect()], 9.0);
+        cache.load_row(0, &long);
+        assert_eq!(cache.slots(), 10);
+        assert_eq!(
+            cache.slot_positions[1],
+            vec![0, 1, 2, 3, 4, 5, 6, 7, -1, -1]
+        );
+        assert_eq!(read(&cache, 1, 8), vec![1., 1., 1., 2., 2., 2., 3., 8.]);
+        assert_eq!(read(&cache, 0, 10), vec![9.; 10]);
     }
 
     /// Rows roll back independently: a row's freed slots read as -1 for visibility.
