@@ -282,7 +282,12 @@ fn curves_chart(
             .build_cartesian_2d(x_range.clone(), 0f64..(y_max * 1.1).max(1e-9))?;
         let x_fmt = |x: &f64| {
             if x_log2 {
-                format!("{:.0}", 2f64.powf(*x))
+                // Only whole powers of two get a label on the log axis.
+                if (x - x.round()).abs() < 1e-9 {
+                    format!("{:.0}", 2f64.powf(x.round()))
+                } else {
+                    String::new()
+                }
             } else {
                 format!("{x:.0}")
             }

@@ -352,19 +352,24 @@ impl VerifyPolicy for Threshold {
     }
 }
 
-/// Rounds a scheduler goes without drafting before it drafts once more to see whether the
-/// requests' confidences have changed.
+/// Rounds a scheduler first goes without drafting before it drafts once more to see whether
+/// the requests' confidences have changed; each probe that finds no gain doubles the wait
+/// (up to [`MAX_REPROBE_ROUNDS`]), a round where drafting pays resets it.
 const REPROBE_ROUNDS: usize = 8;
+const MAX_REPROBE_ROUNDS: usize = 256;
 
 /// Whether drafting pays this round, judged on each request's last seen confidences: only
 /// when the profile knows what drafting costs, every request has been seen drafting, and the
 /// best admission over those confidences (drafting paid) beats verifying the anchors alone
-/// (nothing drafted). A round skipped that way costs a plain decoding step; every
-/// [`REPROBE_ROUNDS`] skipped rounds one drafts again.
+/// (nothing drafted). A round skipped that way costs a plain decoding step; after
+/// [`REPROBE_ROUNDS`] skipped rounds one drafts again, and the wait doubles while probes
+/// find nothing.
 #[derive(Debug, Clone, Default)]
 pub struct DraftGate {
     last: HashMap<usize, Vec<f64>>,
     skipped: usize,
+    /// Skipped rounds before the next probe (0: not yet set, [`REPROBE_ROUNDS`]).
+    interval: usize,
 }
 
 impl DraftGate {
@@ -394,8 +399,16 @@ impl DraftGate {
             .map(|(c, &l)| c.survival().iter().take(l).sum::<f64>())
             .sum::<f64>();
         let with_drafts = tau / (draft + cost.table.verify_seconds(cost.shape.tokens(&lengths)));
-        if with_drafts > anchors_only || self.skipped + 1 >= REPROBE_ROUNDS {
+        if self.interval == 0 {
+            self.interval = REPROBE_ROUNDS;
+        }
+        if with_drafts > anchors_only {
             self.skipped = 0;
+            self.interval = REPROBE_ROUNDS;
+            true
+        } else if self.skipped + 1 >= self.interval {
+            self.skipped = 0;
+            self.interval = (self.interval * 2).min(MAX_REPROBE_ROUNDS);
             true
         } else {
             self.skipped += 1;
@@ -743,6 +756,40 @@ mod tests {
         assert_eq!(policy.choose(&round(&[0.5, 0.5, 0.5])), vec![2]);
         // Round 4 reads round 2 (one slot): K = 1.
         assert_eq!(policy.choose(&round(&[0.9, 0.9])), vec![1]);
+    }
+
+    /// Drafting that cannot pay is skipped, with probes at doubling intervals; drafting that
+    /// pays is never skipped.
+    #[test]
+    fn the_draft_gate_skips_what_cannot_pay_and_probes_less_and_less() {
+        let mut steep = table(&[(1, 1.0), (2, 3.0), (16, 24.0)]);
+        steep.draft = vec![CostPoint { n: 1, seconds: 2.0 }];
+        let cost = CostModel {
+            table: steep,
+            shape: PassShape::Packed,
+        };
+        let mut gate = DraftGate::default();
+        assert!(gate.decide(&cost, &[5]), "an unseen request drafts");
+        gate.observe(&[candidate(5, &[0.5, 0.5])]);
+        let drafted: Vec<usize> = (0..40).filter(|_| gate.decide(&cost, &[5])).collect();
+        assert_eq!(
+            drafted.len(),
+            2,
+            "probes after 8 and then 16 skipped rounds"
+        );
+        let mut cheap = cost.clone();
+        cheap.table.draft = vec![CostPoint {
+            n: 1,
+            seconds: 1e-3,
+        }];
+        cheap.table.verify = vec![
+            CostPoint { n: 1, seconds: 1.0 },
+            CostPoint {
+                n: 16,
+                seconds: 1.0,
+            },
+        ];
+        assert!((0..20).all(|_| gate.decide(&cheap, &[5])));
     }
 
     #[test]
