@@ -11,6 +11,7 @@
 //! current round's tokens are admitted in rank order).
 
 use anyhow::{bail, Context};
+use deepspec_core::drafter::DrafterConfig;
 use deepspec_core::sampling::sigmoid;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -242,6 +243,15 @@ fn admission_path(candidates: &[Candidate]) -> Vec<(usize, usize, f64)> {
 /// with `early_stop`, stop at the first admission that does not improve it (what keeps the
 /// scheduler lossless), else scan to the end for the global maximum.
 pub fn prefix_schedule(candidates: &[Candidate], cost: &CostModel, early_stop: bool) -> Vec<usize> {
+    best_admission(candidates, cost, early_stop).0
+}
+
+/// [`prefix_schedule`]'s lengths and their `Θ`.
+fn best_admission(
+    candidates: &[Candidate],
+    cost: &CostModel,
+    early_stop: bool,
+) -> (Vec<usize>, f64) {
     let mut lengths = vec![0; candidates.len()];
     let mut tau = candidates.len() as f64;
     let mut best = cost.objective(tau, &lengths);
@@ -257,7 +267,7 @@ pub fn prefix_schedule(candidates: &[Candidate], cost: &CostModel, early_stop: b
             break;
         }
     }
-    best_lengths
+    (best_lengths, best)
 }
 
 /// The top `k` of the admission path, as per-request lengths.
@@ -276,10 +286,6 @@ pub trait VerifyPolicy {
     /// Whether requests draft at all (target-only does not).
     fn drafts(&self) -> bool {
         true
-    }
-    /// Whether the policy reads confidences (it then needs a confidence head).
-    fn needs_confidence(&self) -> bool {
-        false
     }
     /// Whether this round's requests (by id) draft at all; decided before drafting, from
     /// earlier rounds only. A scheduler that expects no draft to pay skips the drafting cost.
@@ -332,9 +338,6 @@ impl VerifyPolicy for Threshold {
     fn name(&self) -> String {
         format!("threshold:{}", self.0)
     }
-    fn needs_confidence(&self) -> bool {
-        self.0 > 0.0
-    }
     fn choose(&mut self, candidates: &[Candidate]) -> Vec<usize> {
         candidates
             .iter()
@@ -374,9 +377,9 @@ pub struct DraftGate {
 
 impl DraftGate {
     pub fn decide(&mut self, cost: &CostModel, requests: &[usize]) -> bool {
-        let Some(draft) = cost.table.draft_seconds(requests.len()) else {
+        if cost.table.draft_seconds(requests.len()).is_none() {
             return true;
-        };
+        }
         let mut seen = Vec::with_capacity(requests.len());
         for id in requests {
             match self.last.get(id) {
@@ -388,17 +391,11 @@ impl DraftGate {
                 None => return true,
             }
         }
-        let r = requests.len() as f64;
-        let anchors_only = r / cost
-            .table
-            .verify_seconds(cost.shape.tokens(&vec![0; requests.len()]));
-        let lengths = prefix_schedule(&seen, cost, false);
-        let tau = r + seen
-            .iter()
-            .zip(&lengths)
-            .map(|(c, &l)| c.survival().iter().take(l).sum::<f64>())
-            .sum::<f64>();
-        let with_drafts = tau / (draft + cost.table.verify_seconds(cost.shape.tokens(&lengths)));
+        let anchors = vec![0; requests.len()];
+        let anchors_only =
+            requests.len() as f64 / cost.table.verify_seconds(cost.shape.tokens(&anchors));
+        // Θ of the best admission, drafting paid (the profile has its cost).
+        let (_, with_drafts) = best_admission(&seen, cost, false);
         if self.interval == 0 {
             self.interval = REPROBE_ROUNDS;
         }
@@ -444,9 +441,6 @@ impl VerifyPolicy for PrefixScheduler {
         } else {
             "alg1-no-early-stop".into()
         }
-    }
-    fn needs_confidence(&self) -> bool {
-        true
     }
     fn draft_this_round(&mut self, requests: &[usize]) -> bool {
         self.gate.decide(&self.cost, requests)
@@ -500,9 +494,6 @@ impl AsyncScheduler {
 impl VerifyPolicy for AsyncScheduler {
     fn name(&self) -> String {
         "async".into()
-    }
-    fn needs_confidence(&self) -> bool {
-        true
     }
     fn draft_this_round(&mut self, requests: &[usize]) -> bool {
         self.gate.decide(&self.cost, requests)
@@ -580,9 +571,26 @@ impl fmt::Display for PolicySpec {
 }
 
 impl PolicySpec {
-    /// Whether the policy weighs a step-cost profile.
-    pub fn needs_profile(&self) -> bool {
-        matches!(self, PolicySpec::Alg1 | PolicySpec::Async)
+    /// Whether the policy reads confidences, so needs a drafter with a confidence head.
+    pub fn reads_confidence(&self) -> bool {
+        matches!(
+            self,
+            PolicySpec::Threshold(_) | PolicySpec::Alg1 | PolicySpec::Async
+        )
+    }
+
+    /// Refuses a policy that reads confidences for a drafter without a confidence head,
+    /// naming the drafter `dir` and the policies that work.
+    pub fn check_drafter(&self, config: &DrafterConfig, dir: &Path) -> anyhow::Result<()> {
+        if self.reads_confidence() && !config.confidence_head {
+            bail!(
+                "policy {self} reads confidences, and {} has no confidence head ({}): use \
+                 none, full or fixed:N",
+                dir.display(),
+                config.algorithm.name()
+            );
+        }
+        Ok(())
     }
 
     /// The policy, with `cost` for the schedulers (an error naming the flag without it).

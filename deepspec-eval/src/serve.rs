@@ -288,9 +288,11 @@ pub fn serve<B: Backend>(
         let lengths = policy.choose(&candidates);
         assert_eq!(lengths.len(), candidates.len(), "one length per request");
         let mut verify_rows: Vec<Option<Vec<u32>>> = vec![None; slots];
+        let mut verified = 0;
         for (&s, &l) in active_slots.iter().zip(&lengths) {
             let p = proposals[s].as_mut().expect("active");
             let l = l.min(p.tokens.len());
+            verified += l;
             p.tokens.truncate(l);
             p.probs.truncate(l);
             let a = rows[s].as_ref().expect("active");
@@ -320,11 +322,7 @@ pub fn serve<B: Backend>(
         let mut cost = RoundCost {
             requests: active_slots.len(),
             drafted: candidates.iter().map(|c| c.drafted).sum(),
-            verified: lengths
-                .iter()
-                .zip(&candidates)
-                .map(|(&l, c)| l.min(c.drafted))
-                .sum(),
+            verified,
             pass_tokens: slots * width,
             draft_s,
             verify_s,

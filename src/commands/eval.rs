@@ -172,17 +172,9 @@ impl EvalArgs {
             }
             None => PolicySpec::Full,
         };
-        let reads_confidence = matches!(
-            spec,
-            PolicySpec::Threshold(_) | PolicySpec::Alg1 | PolicySpec::Async
-        );
-        if reads_confidence && !config.confidence_head && self.policy.is_some() {
-            anyhow::bail!(
-                "--policy {spec} reads confidences, and {} has no confidence head ({}): use \
-                 full or fixed:N",
-                self.drafter.display(),
-                config.algorithm.name()
-            );
+        // The default threshold policy keeps eval's old behaviour on any drafter.
+        if self.policy.is_some() {
+            spec.check_drafter(config, &self.drafter)?;
         }
         let cost = match &self.sps_table {
             Some(path) => Some(CostModel {

@@ -311,18 +311,7 @@ impl OnBackend for ServeBench {
                     );
                 }
             }
-            let confident = matches!(
-                p,
-                PolicySpec::Threshold(_) | PolicySpec::Alg1 | PolicySpec::Async
-            );
-            if confident && !config.confidence_head {
-                bail!(
-                    "policy {p} reads confidences, and {} has no confidence head ({}): use \
-                     none or fixed:N",
-                    self.drafter.display(),
-                    config.algorithm.name()
-                );
-            }
+            p.check_drafter(&config, &self.drafter)?;
         }
         let temperatures = deepspec_eval::schedule::sts_temperatures(&self.drafter)?;
         let template = ChatTemplate::for_tokenizer(&target.tokenizer)?;
