@@ -19,12 +19,26 @@ pub trait OnBackend {
 }
 
 pub fn dispatch<J: OnBackend>(kind: DeviceKind, job: J) -> anyhow::Result<J::Output> {
+    dispatch_at(kind, 0, job)
+}
+
+/// [`dispatch`] onto device `index` of its kind (a data-parallel rank's `LOCAL_RANK`); the
+/// CPU has one.
+pub fn dispatch_at<J: OnBackend>(
+    kind: DeviceKind,
+    index: usize,
+    job: J,
+) -> anyhow::Result<J::Output> {
+    #[cfg(feature = "cuda")]
+    let gpu = burn::backend::cuda::CudaDevice { index };
+    #[cfg(not(feature = "cuda"))]
+    let _ = index;
     match kind {
         DeviceKind::Cpu => job.run::<deepspec_core::backend::Cpu>(Default::default()),
         #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => job.run::<deepspec_core::backend::CudaF32>(Default::default()),
+        DeviceKind::Cuda => job.run::<deepspec_core::backend::CudaF32>(gpu),
         #[cfg(feature = "cuda")]
-        DeviceKind::CudaBf16 => job.run::<deepspec_core::backend::CudaBf16>(Default::default()),
+        DeviceKind::CudaBf16 => job.run::<deepspec_core::backend::CudaBf16>(gpu),
         #[cfg(not(feature = "cuda"))]
         DeviceKind::Cuda | DeviceKind::CudaBf16 => anyhow::bail!(
             "this deepspec was built without CUDA; rebuild with `cargo build --release --features cuda`"

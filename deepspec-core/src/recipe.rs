@@ -163,8 +163,17 @@ pub struct TrainSection {
     pub num_train_epochs: usize,
     pub max_train_steps: Option<usize>,
     pub max_grad_norm: f64,
-    /// Accepted for compatibility; deepspec trains on one device.
+    /// Accepted for compatibility: deepspec's data parallel replicates the drafter on
+    /// every rank (`no_shard`); see docs/distributed.md.
     pub sharding_strategy: String,
+    /// Data parallel: the dtype gradients are summed in across ranks, `fp32` (exact up to
+    /// summation order) or `bf16` (half the bytes, as the reference's FSDP reduce).
+    pub allreduce_dtype: String,
+    /// Data parallel: gradient elements per all-reduce, in MiB of f32.
+    pub allreduce_bucket_mb: usize,
+    /// Data parallel: seconds a rank waits for the others (to join, or in one all-reduce)
+    /// before every rank stops with an error.
+    pub dist_timeout_s: u64,
     /// Accepted for compatibility; no effect.
     pub torch_compile: bool,
     /// Keep only the newest N `step_<n>` checkpoints (0 keeps all).
@@ -188,6 +197,9 @@ impl Default for TrainSection {
             max_train_steps: None,
             max_grad_norm: 1.0,
             sharding_strategy: "no_shard".into(),
+            allreduce_dtype: "fp32".into(),
+            allreduce_bucket_mb: 25,
+            dist_timeout_s: 300,
             torch_compile: false,
             keep_last: 3,
             head_chunk_tokens: None,
@@ -464,6 +476,18 @@ impl Recipe {
             return Err(invalid(
                 "train.precision",
                 format!("`{}` is not one of bf16, fp16, fp32", t.precision),
+            ));
+        }
+        if !matches!(t.allreduce_dtype.as_str(), "fp32" | "bf16") {
+            return Err(invalid(
+                "train.allreduce_dtype",
+                format!("`{}` is not one of fp32, bf16", t.allreduce_dtype),
+            ));
+        }
+        if t.allreduce_bucket_mb == 0 || t.dist_timeout_s == 0 {
+            return Err(invalid(
+                "train.allreduce_bucket_mb",
+                "train.allreduce_bucket_mb and train.dist_timeout_s must be positive".into(),
             ));
         }
         if t.local_batch_size == 0 || !t.global_batch_size.is_multiple_of(t.local_batch_size) {

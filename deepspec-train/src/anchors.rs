@@ -39,6 +39,23 @@ impl AnchorSource for RandomAnchors<'_> {
     }
 }
 
+/// The anchors of each sample drawn from a generator of its own, seeded by the run's seed
+/// and the sample's global position in the run's data stream: a sample at a given step gets
+/// the same anchors whichever rank, micro-batch or row it lands in (same maths at any world
+/// size).
+pub struct PositionAnchors<'a> {
+    pub seed: u64,
+    /// Global position of each batch row.
+    pub positions: &'a [u64],
+}
+
+impl AnchorSource for PositionAnchors<'_> {
+    fn choose(&mut self, row: usize, candidates: &[usize], num_anchors: usize) -> Vec<usize> {
+        let mut rng = Rng::for_item(self.seed, self.positions[row]);
+        RandomAnchors { rng: &mut rng }.choose(row, candidates, num_anchors)
+    }
+}
+
 /// Anchors given up front (tests, replays). Each must be a candidate.
 pub struct FixedAnchors(pub Vec<Vec<usize>>);
 

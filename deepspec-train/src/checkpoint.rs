@@ -11,7 +11,6 @@ use burn::tensor::{DType, Tensor, TensorData};
 use deepspec_core::drafter::{named_params, Drafter, DrafterConfig};
 use deepspec_core::io::file_name::join_plain;
 use deepspec_core::io::safetensors::{write_f32, NamedTensor, SafetensorsFile};
-use deepspec_core::sampling::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,8 +22,6 @@ pub struct TrainerState {
     pub global_step: usize,
     /// Micro-batches consumed (the data position).
     pub next_micro_step: usize,
-    /// The anchor sampler's generator.
-    pub anchor_rng: Rng,
     pub local_batch_size: usize,
     pub global_batch_size: usize,
     pub max_train_steps: usize,

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod blocks;
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod logging;
 pub mod loss;
 pub mod memory;

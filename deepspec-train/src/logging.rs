@@ -1,7 +1,7 @@
 //! Training logs: ratio metrics accumulated over a window, TensorBoard event files (the
 //! reference's `train/<name>` scalars) and the one-line summary per logging interval.
 
-use crate::loss::DeviceMetrics;
+use crate::loss::{DeviceMetrics, Metrics};
 use burn::tensor::{backend::Backend, Tensor};
 use deepspec_core::model::to_host;
 use std::collections::BTreeMap;
@@ -55,11 +55,20 @@ impl<B: Backend> Window<B> {
     }
 
     /// Reads everything, with the learning rate of the next step.
-    pub fn read(mut self, lr: f64) -> ReadWindow {
+    pub fn read(self, lr: f64) -> ReadWindow {
+        self.read_with(lr, Ok::<_, std::convert::Infallible>)
+            .expect("no reduction")
+    }
+
+    /// Reads everything, the ratio metrics' sums passed through `reduce` first (the sum
+    /// over the ranks of a data-parallel run).
+    pub fn read_with<E>(
+        mut self,
+        lr: f64,
+        reduce: impl FnOnce(Metrics) -> Result<Metrics, E>,
+    ) -> Result<ReadWindow, E> {
         let losses = self.losses().to_vec();
-        let mut values: BTreeMap<String, f64> = self
-            .metrics
-            .read()
+        let mut values: BTreeMap<String, f64> = reduce(self.metrics.read())?
             .into_iter()
             .map(|(n, (num, den))| (n, if den > 0.0 { num / den } else { 0.0 }))
             .collect();
@@ -71,7 +80,7 @@ impl<B: Backend> Window<B> {
         }
         values.insert("lr".into(), lr);
         values.insert("grad_norm".into(), self.grad_norm.unwrap_or(f64::NAN));
-        ReadWindow { values, losses }
+        Ok(ReadWindow { values, losses })
     }
 }
 

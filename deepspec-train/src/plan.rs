@@ -5,6 +5,7 @@
 //! the target against the recipe when they are opened. Nothing downstream reads a recipe
 //! string.
 
+use crate::dist::DistSettings;
 use crate::loss::dspark::DSparkLossConfig;
 use crate::trainer::TrainSettings;
 use deepspec_core::backend::Precision;
@@ -278,6 +279,14 @@ fn recipe_settings(
         tensorboard_dir: Some(tensorboard_dir),
         stop_after,
         show_progress: true,
+        dist: DistSettings {
+            reduce_dtype: t
+                .allreduce_dtype
+                .parse()
+                .expect("the recipe checked train.allreduce_dtype"),
+            bucket_elements: t.allreduce_bucket_mb << 20 >> 2,
+            timeout: std::time::Duration::from_secs(t.dist_timeout_s),
+        },
     }
 }
 
@@ -318,6 +327,7 @@ pub fn bench_settings(algorithm: Algorithm, max_length: usize) -> TrainSettings 
         tensorboard_dir: None,
         stop_after: None,
         show_progress: false,
+        dist: DistSettings::default(),
     }
 }
 

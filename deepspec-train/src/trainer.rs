@@ -2,12 +2,15 @@
 //! backward with gradient accumulation, global-norm clipping, AdamW, schedule, logging and
 //! checkpoints (the reference's `train.py`). Algorithm-specific parts live in `blocks` and `loss`.
 
-use crate::anchors::{sample_anchors, RandomAnchors};
+use crate::anchors::{sample_anchors, PositionAnchors};
 use crate::batch::{Features, TrainBatch};
 use crate::blocks::build_blocks;
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{collate, micro_batch, SampleSource};
-use crate::logging::{Logger, Window};
+use crate::dist::collective::Comm;
+use crate::dist::grads::all_reduce_grads;
+use crate::dist::DistSettings;
+use crate::logging::{Logger, ReadWindow, Window};
 use crate::loss::dspark::{dspark_loss, DSparkLossConfig};
 use crate::loss::eagle3::eagle3_loss;
 use crate::loss::head::HeadLossBackend;
@@ -21,12 +24,15 @@ use burn::tensor::Tensor;
 use deepspec_core::drafter::{BlockDrafter, Drafter, DrafterConfig, Eagle3Drafter};
 use deepspec_core::io::lock::lock_folder;
 use deepspec_core::progress::{Progress, ProgressMode};
-use deepspec_core::sampling::Rng;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The lock file a training run holds in its output folder.
 pub const TRAIN_LOCK: &str = ".train.lock";
+
+/// The per-logging-step JSON lines rank 0 appends in the output folder.
+pub const TRAIN_LOG: &str = "train_log.jsonl";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainSettings {
@@ -52,6 +58,8 @@ pub struct TrainSettings {
     pub stop_after: Option<usize>,
     /// A bar on a terminal and a line per logging step in a log; nothing when false.
     pub show_progress: bool,
+    /// How a data-parallel run reduces gradients (no effect on one rank).
+    pub dist: DistSettings,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -67,13 +75,14 @@ pub struct TrainSummary {
 }
 
 /// Micro-batch forward and loss; returns (loss, metrics on the device, supervised
-/// predictions).
+/// predictions). `positions` are the rows' global positions in the run's sample stream
+/// (they seed each sample's anchors).
 pub fn micro_loss<B: AutodiffBackend + HeadLossBackend>(
     drafter: &Drafter<B>,
     config: &DrafterConfig,
     batch: &TrainBatch,
     features: &Features<B>,
-    rng: &mut Rng,
+    positions: &[u64],
     settings: &TrainSettings,
 ) -> (Tensor<B, 1>, DeviceMetrics<B>, usize) {
     let rope = config.base.rope();
@@ -91,10 +100,14 @@ pub fn micro_loss<B: AutodiffBackend + HeadLossBackend>(
         (loss.total, loss.metrics, loss.supervised)
     };
     match drafter {
-        Drafter::DSpark(model) => block_micro_loss(model, config, batch, features, rng, settings),
-        Drafter::DSparkV4(model) => block_micro_loss(model, config, batch, features, rng, settings),
+        Drafter::DSpark(model) => {
+            block_micro_loss(model, config, batch, features, positions, settings)
+        }
+        Drafter::DSparkV4(model) => {
+            block_micro_loss(model, config, batch, features, positions, settings)
+        }
         Drafter::DSparkGemma4(model) => {
-            block_micro_loss(model, config, batch, features, rng, settings)
+            block_micro_loss(model, config, batch, features, positions, settings)
         }
         Drafter::Eagle3(model) => eagle3(model),
         Drafter::Eagle3Gemma4(model) => eagle3(model),
@@ -107,14 +120,17 @@ fn block_micro_loss<B: AutodiffBackend + HeadLossBackend, M: BlockDrafter<B>>(
     config: &DrafterConfig,
     batch: &TrainBatch,
     features: &Features<B>,
-    rng: &mut Rng,
+    positions: &[u64],
     settings: &TrainSettings,
 ) -> (Tensor<B, 1>, DeviceMetrics<B>, usize) {
     let rope = config.base.rope();
     let anchors = sample_anchors(
         &batch.loss_mask,
         config.num_anchors,
-        &mut RandomAnchors { rng },
+        &mut PositionAnchors {
+            seed: settings.seed,
+            positions,
+        },
     );
     let layout = build_blocks(
         &batch.input_ids,
@@ -157,8 +173,77 @@ fn block_micro_loss<B: AutodiffBackend + HeadLossBackend, M: BlockDrafter<B>>(
     (loss.total, loss.metrics, supervised)
 }
 
+/// The metrics of every rank summed (numerators and denominators), for the log line of a
+/// data-parallel run. A rank whose micro-batches never reached a metric (a block slot no
+/// anchor supervised) has no entry for it: the names are gathered first, a missing one
+/// counts (0, 0), and one that no rank saw stays out, as on one rank.
+fn reduce_metrics<B: burn::tensor::backend::Backend>(
+    metrics: crate::loss::Metrics,
+    comm: &Comm<B>,
+    device: &B::Device,
+) -> anyhow::Result<crate::loss::Metrics> {
+    if comm.world_size() == 1 {
+        return Ok(metrics);
+    }
+    let mine = metrics.keys().cloned().collect::<Vec<_>>().join("\n");
+    let mut names: Vec<String> = Vec::new();
+    for list in comm.all_gather_bytes(mine.as_bytes())? {
+        let list = String::from_utf8(list).context("metric names from another rank")?;
+        names.extend(
+            list.split('\n')
+                .filter(|n| !n.is_empty())
+                .map(str::to_string),
+        );
+    }
+    names.sort();
+    names.dedup();
+    let flat: Vec<f32> = names
+        .iter()
+        .flat_map(|n| {
+            let (num, den) = metrics.get(n).copied().unwrap_or((0.0, 0.0));
+            [num as f32, den as f32]
+        })
+        .collect();
+    let summed = comm.all_reduce_sum(Tensor::<B, 1>::from_floats(flat.as_slice(), device))?;
+    let summed = deepspec_core::model::to_host(summed).data;
+    Ok(names
+        .into_iter()
+        .zip(summed.chunks(2))
+        .filter(|(_, nd)| nd[1] != 0.0)
+        .map(|(k, nd)| (k, (nd[0] as f64, nd[1] as f64)))
+        .collect())
+}
+
+/// One JSON line per logging step in `OUT/train_log.jsonl` (every scalar at full
+/// precision; what TensorBoard shows, readable without it).
+fn append_log(out: &Path, step: usize, values: &BTreeMap<String, f64>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = out.join(TRAIN_LOG);
+    let mut line = serde_json::Map::new();
+    line.insert("step".into(), step.into());
+    for (k, v) in values {
+        line.insert(k.clone(), serde_json::Value::from(*v));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(file, "{}", serde_json::Value::Object(line))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Trains `drafter` on `data`, checkpointing into `out`. With `resume`, continues from
 /// `out/step_latest` exactly where it stopped.
+///
+/// Data parallel when `comm` spans several ranks: every optimizer step reads the same
+/// global batch whatever the world size; its micro-batches are dealt to the ranks in turn
+/// (micro-batch `j` of the step to rank `j mod W`, the reference's strided sampler), each
+/// sample's anchors are seeded by its global position, and the gradients (with the step's
+/// loss) are summed once per optimizer step before clipping. Rank 0 alone holds the lock
+/// and writes checkpoints and logs; a checkpoint resumes at any world size with the same
+/// local and global batch.
+#[allow(clippy::too_many_arguments)]
 pub fn train<B: AutodiffBackend + HeadLossBackend>(
     mut drafter: Drafter<B>,
     mut config: DrafterConfig,
@@ -167,14 +252,23 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
     out: &Path,
     resume: bool,
     device: &B::Device,
+    comm: &Comm<B::InnerBackend>,
 ) -> anyhow::Result<TrainSummary> {
     let b = settings.local_batch_size;
-    if b == 0 || !settings.global_batch_size.is_multiple_of(b) {
+    let (world, rank) = (comm.world_size(), comm.rank());
+    if b == 0 || !settings.global_batch_size.is_multiple_of(b * world) {
+        if world == 1 {
+            bail!(
+                "train.global_batch_size ({}) must be a multiple of train.local_batch_size ({b})",
+                settings.global_batch_size
+            );
+        }
         bail!(
-            "train.global_batch_size ({}) must be a multiple of train.local_batch_size ({b})",
+            "train.global_batch_size ({}) must be a multiple of train.local_batch_size × ranks ({b} × {world}): every rank takes the same number of micro-batches per step",
             settings.global_batch_size
         );
     }
+    // Micro-batches per optimizer step, over all ranks; this rank takes every `world`-th.
     let accum = settings.global_batch_size / b;
     let samples_per_epoch = data.len() / settings.global_batch_size * settings.global_batch_size;
     if samples_per_epoch == 0 {
@@ -197,16 +291,19 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
     let mut state = TrainerState {
         global_step: 0,
         next_micro_step: 0,
-        anchor_rng: Rng::new(settings.seed),
         local_batch_size: b,
         global_batch_size: settings.global_batch_size,
         max_train_steps: max_steps,
     };
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output folder {}", out.display()))?;
-    // Held until training ends (the OS releases it if the process dies), so a second run
-    // into the same folder stops here instead of writing the same step folders and logs.
-    let _lock = lock_folder(out, TRAIN_LOCK, "`deepspec train`")?;
+    // Held by rank 0 until training ends (the OS releases it if the process dies), so a
+    // second run into the same folder stops here instead of writing the same step folders
+    // and logs.
+    let _lock = match comm.world.is_main() {
+        true => Some(lock_folder(out, TRAIN_LOCK, "`deepspec train`")?),
+        false => None,
+    };
     // A dangling `step_latest` (its folder deleted) still counts as a run to resume: the
     // resume then says what is wrong instead of silently starting over.
     let has_run = std::fs::symlink_metadata(checkpoint::latest(out)).is_ok();
@@ -231,16 +328,18 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
             out.display()
         );
     }
-    let probe = out.join(".write-test");
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("output folder {} is not writable", out.display()))?;
-    std::fs::remove_file(&probe).ok();
+    if comm.world.is_main() {
+        let probe = out.join(".write-test");
+        std::fs::write(&probe, b"")
+            .with_context(|| format!("output folder {} is not writable", out.display()))?;
+        std::fs::remove_file(&probe).ok();
+    }
 
-    let mut logger = match &settings.tensorboard_dir {
-        Some(dir) => Some(Logger::new(dir)?),
-        None => None,
+    let mut logger = match (&settings.tensorboard_dir, comm.world.is_main()) {
+        (Some(dir), true) => Some(Logger::new(dir)?),
+        _ => None,
     };
-    let mode = if settings.show_progress {
+    let mode = if settings.show_progress && comm.world.is_main() {
         ProgressMode::detect()
     } else {
         ProgressMode::Silent
@@ -254,6 +353,9 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     let steps_at_start = state.global_step;
     let mut last_checkpoint = checkpoint::latest(out);
+    let inner_device = Tensor::<B, 1>::zeros([1], device).inner().device();
+    // This rank's k-th micro-batch of the step whose first micro-batch is `first`.
+    let mine = |first: usize, k: usize| first + k * world + rank;
     let load = |micro: usize| -> anyhow::Result<TrainBatch> {
         let indices = micro_batch(data.len(), samples_per_epoch, b, micro);
         let samples = indices
@@ -262,7 +364,10 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(collate(&samples, data.widths(), settings.max_length))
     };
-    std::thread::scope(|scope| -> anyhow::Result<()> {
+    let read_window = |window: &mut Window<B>, lr: f64| -> anyhow::Result<ReadWindow> {
+        std::mem::take(window).read_with(lr, |m| reduce_metrics(m, comm, &inner_device))
+    };
+    let result = std::thread::scope(|scope| -> anyhow::Result<()> {
         let mut pending: Option<std::thread::ScopedJoinHandle<anyhow::Result<TrainBatch>>> = None;
         while state.global_step < max_steps {
             if settings
@@ -273,25 +378,26 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
             }
             let mut accumulator = GradientsAccumulator::<Drafter<B>>::new();
             let mut step_loss: Option<Tensor<B, 1>> = None;
-            for _ in 0..accum {
+            let (mut step_tokens, mut step_predictions) = (0usize, 0usize);
+            for k in 0..accum / world {
+                let micro = mine(state.next_micro_step, k);
                 // The batch read ahead while the previous one computed, then the next read-ahead.
                 let mut batch = match pending.take() {
                     Some(handle) => handle.join().expect("prefetch thread panicked")?,
-                    None => load(state.next_micro_step)?,
+                    None => load(micro)?,
                 };
-                let ahead = state.next_micro_step + 1;
+                let ahead = if k + 1 < accum / world {
+                    mine(state.next_micro_step, k + 1)
+                } else {
+                    mine(state.next_micro_step + accum, 0)
+                };
                 pending = Some(scope.spawn(move || load(ahead)));
-                tokens += batch.lens.iter().sum::<usize>();
+                step_tokens += batch.lens.iter().sum::<usize>();
                 let features = batch.upload::<B>(device);
-                let (loss, metrics, supervised) = micro_loss(
-                    &drafter,
-                    &config,
-                    &batch,
-                    &features,
-                    &mut state.anchor_rng,
-                    settings,
-                );
-                predictions += supervised;
+                let positions: Vec<u64> = (0..b).map(|row| (micro * b + row) as u64).collect();
+                let (loss, metrics, supervised) =
+                    micro_loss(&drafter, &config, &batch, &features, &positions, settings);
+                step_predictions += supervised;
                 // Nothing is read back inside a step: the loss and metrics stay on the
                 // device until the next logging (or checkpoint) step reads them at once.
                 step_loss = Some(match step_loss {
@@ -301,9 +407,32 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
                 window.metrics.merge(metrics);
                 let grads = (loss / accum as f64).backward();
                 accumulator.accumulate(&drafter, GradientsParams::from_grads(grads, &drafter));
-                state.next_micro_step += 1;
             }
-            let grads = accumulator.grads();
+            state.next_micro_step += accum;
+            let step_loss = step_loss.expect("at least one micro-step");
+            let (grads, step_loss) = if world > 1 {
+                // One reduction per optimizer step: the gradients, the loss and the counts.
+                let counts = Tensor::<B::InnerBackend, 1>::from_floats(
+                    [step_tokens as f32, step_predictions as f32],
+                    &inner_device,
+                );
+                let local = Tensor::cat(vec![step_loss.inner(), counts], 0);
+                let (grads, sums) = all_reduce_grads::<B, _>(
+                    &drafter,
+                    accumulator.grads(),
+                    local,
+                    comm,
+                    &settings.dist,
+                )?;
+                let host = deepspec_core::model::to_host(sums.clone().narrow(0, 1, 2)).data;
+                tokens += host[0].round() as usize;
+                predictions += host[1].round() as usize;
+                (grads, Tensor::from_inner(sums.narrow(0, 0, 1)))
+            } else {
+                tokens += step_tokens;
+                predictions += step_predictions;
+                (accumulator.grads(), step_loss)
+            };
             let lr = learning_rate(
                 settings.lr,
                 settings.warmup_ratio,
@@ -313,9 +442,7 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
             let (next, report) = optim.step(drafter, &grads, lr);
             drafter = next;
             state.global_step += 1;
-            window
-                .losses
-                .push(step_loss.expect("at least one micro-step"));
+            window.losses.push(step_loss);
             window.grad_norm = Some(report.grad_norm);
             let next_lr = learning_rate(
                 settings.lr,
@@ -333,11 +460,13 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
                 .global_step
                 .is_multiple_of(settings.logging_steps.max(1))
                 || state.global_step == max_steps;
+            // Every rank holds the summed losses and takes the same branches below (the
+            // metrics' reduction is a collective).
             if checkpoint_due || log_due {
                 let losses = window.losses();
                 if let Some(bad) = losses.iter().position(|l| !l.is_finite()) {
                     let step = state.global_step - losses.len() + bad + 1;
-                    let read = std::mem::take(&mut window).read(next_lr);
+                    let read = read_window(&mut window, next_lr)?;
                     let terms: Vec<&String> = read
                         .values
                         .iter()
@@ -351,13 +480,14 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
                 }
             }
             if log_due {
-                let read = std::mem::take(&mut window).read(next_lr);
+                let read = read_window(&mut window, next_lr)?;
                 if first_loss.is_nan() {
                     first_loss = read.losses[0];
                 }
                 last_loss = *read.losses.last().expect("a step in the window");
                 if let Some(l) = logger.as_mut() {
                     l.write(state.global_step, &read.values);
+                    append_log(out, state.global_step, &read.values)?;
                 }
                 progress.log(&format!(
                     "epoch={} loss={:.4} lr={lr:.2e} tok/s={:.0} draft_tok/s={:.0}",
@@ -367,13 +497,17 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
                     predictions as f64 / elapsed,
                 ));
             }
-            if checkpoint_due {
+            if checkpoint_due && comm.world.is_main() {
                 last_checkpoint =
                     checkpoint::save(out, &drafter, &config, &optim, &state, settings.keep_last)?;
             }
         }
         Ok(())
-    })?;
+    });
+    // A rank that stops on an error leaves its connections to close as an error for the
+    // others; one that finished says so.
+    result?;
+    comm.finish();
     progress.finish();
     // Steps after the last logging step (a run stopped early) still count in the summary.
     let rest = window.losses();

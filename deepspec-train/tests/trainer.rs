@@ -7,6 +7,7 @@ use common::{run, settings, B};
 use deepspec_core::drafter::Drafter;
 use deepspec_core::fixtures::golden_dir;
 use deepspec_train::batch::TrainBatch;
+use deepspec_train::dist::collective::Comm;
 use deepspec_train::trainer::train;
 
 #[test]
@@ -77,6 +78,7 @@ fn refuses_to_overwrite_a_run_without_resume() {
         out.path(),
         false,
         &device,
+        &Comm::solo(&device),
     )
     .unwrap_err()
     .to_string();

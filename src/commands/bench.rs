@@ -167,7 +167,6 @@ impl OnBackend for TrainBench {
         let mut host_batch = batch;
         let features = host_batch.upload::<AB<B>>(&device);
         let mut optim = AdamW::<AB<B>>::new(AdamWConfig::default());
-        let mut anchor_rng = Rng::new(7);
         let mut times = Vec::new();
         let mut predictions = 0;
         for step in 0..self.warmup + self.steps {
@@ -177,7 +176,7 @@ impl OnBackend for TrainBench {
                 &config,
                 &host_batch,
                 &features,
-                &mut anchor_rng,
+                &[step as u64],
                 &settings,
             );
             let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &drafter);

@@ -1,6 +1,6 @@
 //! `deepspec train`: fit a drafter from a recipe on a prepared cache; and `deepspec recipe`.
 
-use crate::device::{dispatch, DeviceKind, OnBackend};
+use crate::device::{dispatch_at, DeviceKind, OnBackend};
 use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
@@ -15,6 +15,8 @@ use deepspec_core::model::{
 };
 use deepspec_core::recipe::Recipe;
 use deepspec_train::data::CacheSource;
+use deepspec_train::dist::collective::Comm;
+use deepspec_train::dist::World;
 use deepspec_train::memory::plan_memory;
 use deepspec_train::plan::TrainPlan;
 use deepspec_train::trainer::train;
@@ -49,6 +51,15 @@ pub struct TrainArgs {
     /// activations per micro-step, GPUs needed) and stop; reads no weights and no cache.
     #[arg(long)]
     pub dry_run: bool,
+    /// Data parallel on this machine: start N ranks (processes) of this same command and
+    /// wait for them. Under torchrun or srun, leave it out: the ranks come from their
+    /// environment (docs/distributed.md).
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
+    /// The rendezvous port for --nproc-per-node (rank 0 listens on 127.0.0.1 there; the
+    /// collective uses the next 1 + N ports) [default: MASTER_PORT, else 29500].
+    #[arg(long, value_name = "PORT", requires = "nproc_per_node")]
+    pub master_port: Option<u16>,
     /// Memory of one device for the plan and the pre-flight check (default: what the device
     /// reports, the CPU's available memory or the CUDA device's total; 80 GiB GPUs for a
     /// --dry-run on the CPU).
@@ -99,7 +110,91 @@ pub fn resolve_recipe(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    dispatch(args.device, args)
+    if let Some(n) = args.nproc_per_node {
+        if !args.dry_run {
+            return spawn_ranks(n, args.master_port);
+        }
+    }
+    let world = World::from_env(&|name| std::env::var(name).ok())?;
+    dispatch_at(args.device, world.local_rank, (args, world))
+}
+
+/// `--nproc-per-node N`: this command N times as ranks 0..N of a local world (torchrun's
+/// variables set for each), waited for; the first rank that fails fails the whole.
+fn spawn_ranks(n: usize, port: Option<u16>) -> anyhow::Result<()> {
+    if n == 0 {
+        anyhow::bail!("--nproc-per-node must be at least 1");
+    }
+    if std::env::var_os("RANK").is_some() || std::env::var_os("SLURM_PROCID").is_some() {
+        anyhow::bail!(
+            "--nproc-per-node starts the ranks itself, but RANK (torchrun) or SLURM_PROCID (srun) is already set: leave --nproc-per-node out under a launcher"
+        );
+    }
+    let port = match (port, std::env::var("MASTER_PORT").ok()) {
+        (Some(p), _) => p,
+        (None, Some(p)) => p
+            .parse()
+            .with_context(|| format!("MASTER_PORT={p:?} is not a port number"))?,
+        (None, None) => deepspec_train::dist::DEFAULT_MASTER_PORT,
+    };
+    let exe = std::env::current_exe().context("finding this deepspec executable")?;
+    // The same arguments without the launcher's own.
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut given = std::env::args_os().skip(1);
+    while let Some(a) = given.next() {
+        let text = a.to_string_lossy();
+        if text == "--nproc-per-node" || text == "--master-port" {
+            given.next();
+        } else if !(text.starts_with("--nproc-per-node=") || text.starts_with("--master-port=")) {
+            args.push(a);
+        }
+    }
+    let mut children = Vec::new();
+    for rank in 0..n {
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn()
+            .with_context(|| format!("starting rank {rank} ({})", exe.display()))?;
+        children.push(Some(child));
+    }
+    let mut failed: Option<String> = None;
+    while children.iter().any(Option::is_some) {
+        for (rank, slot) in children.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
+            if let Some(status) = child.try_wait()? {
+                if !status.success() && failed.is_none() {
+                    failed = Some(format!("rank {rank} of {n} failed ({status})"));
+                }
+                *slot = None;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    match failed {
+        Some(why) => anyhow::bail!("{why}; its error is above"),
+        None => Ok(()),
+    }
+}
+
+/// A digest of what every rank must agree on (the resolved recipe, the data, the run's
+/// folder), for the rendezvous to refuse a rank of another job.
+fn job_digest(recipe: &Recipe, cache: &Path, samples: usize, out: &Path, resume: bool) -> String {
+    let text = format!(
+        "{}\n{}\n{samples}\n{}\n{resume}",
+        recipe.to_toml(),
+        cache.display(),
+        out.display()
+    );
+    // FNV-1a: stable across builds and machines.
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
 }
 
 /// The drafter's config for a plan, from the target's `config.json` (or GGUF metadata), or
@@ -177,10 +272,17 @@ fn device_memory(kind: DeviceKind, flag: Option<f64>) -> Option<(u64, String)> {
     }
 }
 
-impl OnBackend for TrainArgs {
+impl OnBackend for (TrainArgs, World) {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        let (args, world) = self;
+        args.train::<B>(device, world)
+    }
+}
+
+impl TrainArgs {
+    fn train<B: Backend>(self, device: B::Device, world: World) -> anyhow::Result<()> {
         let recipe_path = resolve_recipe(&self.recipe)?;
         let recipe = Recipe::load_with(&recipe_path, &self.overrides)?;
         // A dry run reads no cache: any cache folder (or none) plans the same.
@@ -269,13 +371,21 @@ impl OnBackend for TrainArgs {
             new_drafter(&target, &plan.drafter, &device)?
         };
         let data = CacheSource { reader };
-        eprintln!(
-            "training {} on {} samples from {} -> {}",
-            plan.drafter.algorithm.name(),
-            deepspec_train::data::SampleSource::len(&data),
-            plan.cache.display(),
-            plan.out.display()
-        );
+        let samples = deepspec_train::data::SampleSource::len(&data);
+        let job = job_digest(&recipe, &plan.cache, samples, &plan.out, self.resume);
+        let comm = Comm::<B>::connect(&world, &job, &plan.settings.dist, &device)?;
+        if world.is_main() {
+            eprintln!(
+                "training {} on {samples} samples from {} -> {}{}",
+                plan.drafter.algorithm.name(),
+                plan.cache.display(),
+                plan.out.display(),
+                match world.world_size {
+                    1 => String::new(),
+                    n => format!(" on {n} ranks"),
+                }
+            );
+        }
         let summary = train(
             drafter,
             config,
@@ -284,7 +394,11 @@ impl OnBackend for TrainArgs {
             &plan.out,
             self.resume,
             &device,
+            &comm,
         )?;
+        if !world.is_main() {
+            return Ok(());
+        }
         println!(
             "trained {} steps: loss {:.4} -> {:.4}, {:.0} tokens/s, {:.0} draft tokens/s; checkpoint {}",
             summary.steps,

@@ -4,6 +4,7 @@ use burn::backend::{Autodiff, Flex};
 use deepspec_core::drafter::Drafter;
 use deepspec_core::fixtures::golden_dir;
 use deepspec_train::batch::TrainBatch;
+use deepspec_train::dist::collective::Comm;
 use deepspec_train::loss::dspark::DSparkLossConfig;
 use deepspec_train::trainer::{train, TrainSettings};
 use std::path::Path;
@@ -35,6 +36,7 @@ pub fn settings(steps: usize) -> TrainSettings {
         tensorboard_dir: None,
         stop_after: None,
         show_progress: false,
+        dist: Default::default(),
     }
 }
 
@@ -48,5 +50,9 @@ pub fn run(
     let data = TrainBatch::from_safetensors(&golden.join("inputs.safetensors")).unwrap();
     let device = Default::default();
     let (drafter, config) = Drafter::<B>::load(&golden.join(algo), &device).unwrap();
-    train(drafter, config, &data, settings, out, resume, &device).unwrap()
+    let comm = Comm::solo(&device);
+    train(
+        drafter, config, &data, settings, out, resume, &device, &comm,
+    )
+    .unwrap()
 }

@@ -1,0 +1,267 @@
+//! The all-reduce the ranks sum their gradients with, behind one type ([`Comm`]) the
+//! trainer calls whatever the engine: one process (nothing to do), or burn's own
+//! `burn-collective` in its multi-process (global) mode on any burn backend, the CPU
+//! included. `docs/distributed.md` says why this engine for the CPU, and what its 0.21
+//! release needs worked around:
+//!
+//! - a session hangs on its second collective, so every all-reduce registers anew and
+//!   finishes (measured: about 45 ms for 4 MB over loopback, registration included);
+//! - `GradientsParams::all_reduce` pairs parameters by their random ids, which differ
+//!   between processes, so gradients travel as flat buckets in the module's own order
+//!   ([`super::grads`]);
+//! - its calls block without a timeout, so each runs on a thread of its own while the
+//!   caller waits on it, the rendezvous' liveness and a deadline: a dead rank is an error.
+
+use super::rendezvous::{rendezvous, Liveness};
+use super::{DistSettings, World};
+use anyhow::{bail, Context};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorPrimitive};
+use burn_collective::{AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+enum Engine {
+    /// One rank: sums are the values themselves.
+    Solo,
+    /// burn-collective's global mode: one local device per process, one "node" per rank;
+    /// collectives alternate between the two configurations (tensor server ports).
+    Burn([CollectiveConfig; 2]),
+}
+
+/// This rank's handle on the others.
+pub struct Comm<B: Backend> {
+    pub world: World,
+    engine: Engine,
+    liveness: Liveness,
+    timeout: Duration,
+    device: B::Device,
+    /// Collectives so far (every rank calls the same sequence).
+    calls: std::sync::atomic::AtomicU64,
+}
+
+/// Ports a run uses on top of `MASTER_PORT` (the rendezvous): rank 0's collective
+/// orchestrator on `MASTER_PORT + 1`, and each rank's two tensor servers on
+/// `MASTER_PORT + 2 + 2 LOCAL_RANK` and the port after. burn-collective starts a rank's
+/// tensor server anew for every collective (each registers anew, above), while the last
+/// one may still hold its port; alternating two ports leaves a whole collective for it
+/// to close (measured: with one port, about one 40-step run in three failed to connect).
+pub fn ports(world: &World) -> (u16, [u16; 2]) {
+    let base = world.master_port;
+    let first = base.wrapping_add(2 + 2 * world.local_rank as u16);
+    (base.wrapping_add(1), [first, first.wrapping_add(1)])
+}
+
+impl<B: Backend> Comm<B> {
+    /// A world of one.
+    pub fn solo(device: &B::Device) -> Self {
+        Comm {
+            world: World::single(),
+            engine: Engine::Solo,
+            liveness: Liveness::default(),
+            timeout: Duration::from_secs(300),
+            device: device.clone(),
+            calls: Default::default(),
+        }
+    }
+
+    /// Meets the other ranks of `world` (rendezvous on `MASTER_ADDR:MASTER_PORT`) and sets
+    /// up the collective between them. `job` identifies the run; ranks of another job are
+    /// refused.
+    pub fn connect(
+        world: &World,
+        job: &str,
+        settings: &DistSettings,
+        device: &B::Device,
+    ) -> anyhow::Result<Self> {
+        if world.world_size == 1 {
+            return Ok(Comm {
+                world: world.clone(),
+                ..Comm::solo(device)
+            });
+        }
+        quiet_collective_logs();
+        let (orchestrator, data_ports) = ports(world);
+        let master = world.master_addr.clone();
+        let peers = rendezvous(world, job, settings.timeout, || {
+            start_orchestrator(&master, orchestrator, settings.timeout)?;
+            Ok(Vec::new())
+        })?;
+        let host = &peers.hosts[world.rank];
+        let bad = |e: String| anyhow::anyhow!("collective address: {e}");
+        let config = |port: u16| -> anyhow::Result<CollectiveConfig> {
+            Ok(CollectiveConfig::default()
+                .with_num_devices(1)
+                .with_num_nodes(world.world_size as u32)
+                .with_global_address(
+                    format!("ws://{master}:{orchestrator}")
+                        .parse()
+                        .map_err(bad)?,
+                )
+                .with_node_address(format!("ws://{host}:{port}").parse().map_err(bad)?)
+                .with_data_service_port(port)
+                // Its ring all-reduce slices a tensor differently on different nodes for
+                // some lengths (19 against 21 elements of a 40-element sum, measured), and
+                // panics.
+                .with_global_all_reduce_strategy(AllReduceStrategy::Tree(2)))
+        };
+        let configs = [config(data_ports[0])?, config(data_ports[1])?];
+        Ok(Comm {
+            world: world.clone(),
+            engine: Engine::Burn(configs),
+            liveness: peers.liveness,
+            timeout: settings.timeout,
+            device: device.clone(),
+            calls: Default::default(),
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.world.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world.world_size
+    }
+
+    /// Element-wise sum of `tensor` over every rank, returned to every rank. Fails (on
+    /// every rank) when a rank is gone or the others do not arrive within the timeout.
+    pub fn all_reduce_sum(&self, tensor: Tensor<B, 1>) -> anyhow::Result<Tensor<B, 1>> {
+        let config = match &self.engine {
+            Engine::Solo => return Ok(tensor),
+            Engine::Burn(configs) => {
+                let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                configs[(call % 2) as usize].clone()
+            }
+        };
+        self.liveness.check()?;
+        let peer = PeerId(self.world.rank as u32);
+        let device = self.device.clone();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let run = || -> anyhow::Result<Tensor<B, 1>> {
+                let fail = |what: &str, e: burn_collective::CollectiveError| {
+                    anyhow::anyhow!("burn-collective {what}: {e:?}")
+                };
+                burn_collective::register::<B>(peer, device, config)
+                    .map_err(|e| fail("register", e))?;
+                let sum = burn_collective::all_reduce::<B>(
+                    peer,
+                    tensor.into_primitive().tensor(),
+                    ReduceOperation::Sum,
+                )
+                .map_err(|e| fail("all-reduce", e))?;
+                burn_collective::finish_collective::<B>(peer).map_err(|e| fail("finish", e))?;
+                Ok(Tensor::from_primitive(TensorPrimitive::Float(sum)))
+            };
+            tx.send(run()).ok();
+        });
+        let start = Instant::now();
+        loop {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(result) => {
+                    if let Err(e) = &result {
+                        self.liveness
+                            .fail(format!("rank {}: {e:#}", self.world.rank));
+                    }
+                    return result.with_context(|| format!("rank {}", self.world.rank));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("rank {}: the collective's thread died", self.world.rank)
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.liveness.check()?;
+                    if start.elapsed() > self.timeout {
+                        let reason = format!(
+                            "rank {}: an all-reduce waited {} s for the other ranks (one is stuck or too slow: raise train.dist_timeout_s if steps are that long)",
+                            self.world.rank,
+                            self.timeout.as_secs()
+                        );
+                        self.liveness.fail(reason.clone());
+                        bail!("{reason}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every rank's `mine`, in rank order (two all-reduces: the lengths, then the bytes
+    /// each in its rank's row).
+    pub fn all_gather_bytes(&self, mine: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+        let (w, r) = (self.world_size(), self.rank());
+        if w == 1 {
+            return Ok(vec![mine.to_vec()]);
+        }
+        let mut lens = vec![0f32; w];
+        lens[r] = mine.len() as f32;
+        let lens = self.all_reduce_sum(Tensor::from_floats(lens.as_slice(), &self.device))?;
+        let lens: Vec<usize> = lens
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("reading gathered lengths: {e:?}"))?
+            .into_iter()
+            .map(|l| l as usize)
+            .collect();
+        let width = lens.iter().copied().max().unwrap_or(0).max(1);
+        let mut rows = vec![0f32; w * width];
+        for (slot, &b) in rows[r * width..].iter_mut().zip(mine) {
+            *slot = b as f32;
+        }
+        let rows = self.all_reduce_sum(Tensor::from_floats(rows.as_slice(), &self.device))?;
+        let rows = rows
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("reading gathered bytes: {e:?}"))?;
+        Ok(lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                rows[i * width..i * width + n]
+                    .iter()
+                    .map(|&b| b as u8)
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Stop waiting for the run's end: connections closing from now on are not errors.
+    pub fn finish(&self) {
+        self.liveness.finish();
+    }
+}
+
+/// burn-communication installs a tracing subscriber printing every connection at INFO
+/// unless one is installed already: install a silent one first (deepspec logs nothing
+/// through `tracing`).
+fn quiet_collective_logs() {
+    tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default()).ok();
+}
+
+/// Starts burn-collective's orchestrator on rank 0 and waits until it accepts connections.
+fn start_orchestrator(host: &str, port: u16, timeout: Duration) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("collective-orchestrator".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime for the collective orchestrator");
+            runtime.block_on(burn_collective::start_global_orchestrator(port));
+            // It returns on SIGINT or SIGTERM, which it caught for the whole process:
+            // the process stops as the signal meant.
+            eprintln!("deepspec train: interrupted");
+            std::process::exit(130);
+        })?;
+    let at = format!("{host}:{port}");
+    let start = Instant::now();
+    loop {
+        if std::net::TcpStream::connect(&at).is_ok() {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("rank 0: the collective orchestrator did not start on port {port} within {} s (port in use? choose another MASTER_PORT)", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,360 @@
+//! Data-parallel `deepspec train` on the CPU over loopback: two ranks train the model one
+//! rank trains (same global batch), a killed rank stops the other and the run resumes
+//! bit-exactly, a two-rank checkpoint continues on one rank, and the rendezvous' errors.
+
+use deepspec_core::fixtures::{golden_dir, workspace_root};
+use deepspec_core::io::safetensors::SafetensorsFile;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn deepspec(args: &[&str], env: &[(&str, String)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_deepspec"));
+    c.args(args).current_dir(workspace_root());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+/// A recipe for the golden target training DSpark on its 2-sample cache, one sample per
+/// micro-batch and two per optimizer step.
+fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+    let golden = golden_dir();
+    let cache = dir.join("cache");
+    let out = deepspec(
+        &[
+            "cache",
+            "import-deepspec",
+            golden.join("cache").to_str().unwrap(),
+            cache.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recipe = dir.join("golden-dspark.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "seed = 42\n[model]\ntarget_model_name_or_path = \"{}\"\ntarget_layer_ids = [0, 1, 2, 3, 4]\n\
+             algorithm = \"dspark\"\nnum_draft_layers = 2\nmask_token_id = 511\nnum_anchors = 8\nmarkov_rank = 16\n\
+             confidence_head_alpha = 1.0\nce_loss_alpha = 0.1\nl1_loss_alpha = 0.9\n\
+             [train]\nprecision = \"fp32\"\nlr = 3e-3\nlocal_batch_size = 1\nglobal_batch_size = 2\nmax_train_steps = 4\n\
+             dist_timeout_s = 20\n\
+             [logging]\nlogging_steps = 1\ncheckpointing_steps = 2\n",
+            golden.join("target").display()
+        ),
+    )
+    .unwrap();
+    (recipe, cache)
+}
+
+/// A base port with it and the next five free (rendezvous, orchestrator, two tensor
+/// servers for each of two ranks).
+fn free_ports() -> u16 {
+    for _ in 0..100 {
+        let base = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if base > 65000 {
+            continue;
+        }
+        if (0..6).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no six free ports in a row");
+}
+
+fn train_args<'a>(
+    recipe: &'a Path,
+    cache: &'a Path,
+    out: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "train",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// One rank of a world started the way torchrun starts it.
+fn rank(args: &[&str], rank: usize, world: usize, port: u16) -> Child {
+    deepspec(
+        args,
+        &[
+            ("RANK", rank.to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("WORLD_SIZE", world.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".into()),
+            ("MASTER_PORT", port.to_string()),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// The largest difference between two checkpoints' tensors, relative to the largest value.
+fn max_relative_difference(a: &Path, b: &Path) -> f64 {
+    let fa = SafetensorsFile::open(&a.join("step_latest/model.safetensors")).unwrap();
+    let fb = SafetensorsFile::open(&b.join("step_latest/model.safetensors")).unwrap();
+    let names: Vec<String> = fa.tensor_names().cloned().collect();
+    assert_eq!(names.len(), fb.tensor_names().count());
+    let mut worst: f64 = 0.0;
+    for name in names {
+        let (x, y) = (fa.f32(&name).unwrap(), fb.f32(&name).unwrap());
+        assert_eq!(x.shape, y.shape, "{name}");
+        let scale = x.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12) as f64;
+        for (p, q) in x.data.iter().zip(&y.data) {
+            worst = worst.max((p - q).abs() as f64 / scale);
+        }
+    }
+    worst
+}
+
+fn assert_same_curve(a: &[(u64, f64)], b: &[(u64, f64)]) {
+    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.0, y.0);
+        assert!(
+            (x.1 - y.1).abs() <= 1e-6 * x.1.abs().max(1.0),
+            "step {}: loss {} vs {}",
+            x.0,
+            x.1,
+            y.1
+        );
+    }
+}
+
+#[test]
+fn two_ranks_train_what_one_rank_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let (recipe, cache) = setup(dir.path());
+    let one = dir.path().join("one");
+    ok(deepspec(&train_args(&recipe, &cache, &one, &[]), &[])
+        .output()
+        .unwrap());
+    let two = dir.path().join("two");
+    let port = free_ports().to_string();
+    let out = ok(deepspec(
+        &train_args(
+            &recipe,
+            &cache,
+            &two,
+            &["--nproc-per-node", "2", "--master-port", &port],
+        ),
+        &[],
+    )
+    .output()
+    .unwrap());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("on 2 ranks"), "{stderr}");
+    // One summary line, from rank 0.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("trained 4 steps").count(), 1, "{stdout}");
+    let worst = max_relative_difference(&one, &two);
+    assert!(worst <= 1e-6, "parameters differ by {worst:e} (relative)");
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 4);
+    assert_same_curve(&a, &b);
+}
+
+#[test]
+fn a_killed_rank_stops_the_other_and_the_run_resumes_bit_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (recipe, cache) = setup(dir.path());
+    let long = [
+        "--set",
+        "train.max_train_steps=40",
+        "--set",
+        "logging.checkpointing_steps=1",
+    ];
+    let whole = dir.path().join("whole");
+    let port = free_ports().to_string();
+    let mut spawn = long.to_vec();
+    spawn.extend(["--nproc-per-node", "2", "--master-port", &port]);
+    ok(deepspec(&train_args(&recipe, &cache, &whole, &spawn), &[])
+        .output()
+        .unwrap());
+
+    let parts = dir.path().join("parts");
+    let port = free_ports();
+    let args = train_args(&recipe, &cache, &parts, &long);
+    let zero = rank(&args, 0, 2, port);
+    let mut one = rank(&args, 1, 2, port);
+    let start = Instant::now();
+    while !parts.join("step_2").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    one.kill().unwrap(); // SIGKILL
+    one.wait().unwrap();
+    let stopped = Instant::now();
+    let out = zero.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "rank 0 finished although rank 1 was killed"
+    );
+    assert!(
+        stderr.contains("rank 1 of 2") && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    // Well within the 20 s timeout: the closed connection, not the timeout, stopped it.
+    assert!(
+        stopped.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        stopped.elapsed()
+    );
+    let latest = std::fs::read_link(parts.join("step_latest")).unwrap();
+    assert_ne!(
+        latest,
+        PathBuf::from("step_40"),
+        "the run finished before the kill"
+    );
+
+    let port = free_ports().to_string();
+    let mut resume = long.to_vec();
+    resume.extend(["--nproc-per-node", "2", "--master-port", &port, "--resume"]);
+    ok(deepspec(&train_args(&recipe, &cache, &parts, &resume), &[])
+        .output()
+        .unwrap());
+    let a = std::fs::read(whole.join("step_latest/model.safetensors")).unwrap();
+    let b = std::fs::read(parts.join("step_latest/model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "the resumed two-rank run differs from the uninterrupted one"
+    );
+}
+
+#[test]
+fn a_two_rank_checkpoint_continues_on_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let (recipe, cache) = setup(dir.path());
+    let one = dir.path().join("one");
+    ok(deepspec(&train_args(&recipe, &cache, &one, &[]), &[])
+        .output()
+        .unwrap());
+    let mixed = dir.path().join("mixed");
+    let port = free_ports().to_string();
+    ok(deepspec(
+        &train_args(
+            &recipe,
+            &cache,
+            &mixed,
+            &[
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                &port,
+                "--stop-after",
+                "2",
+            ],
+        ),
+        &[],
+    )
+    .output()
+    .unwrap());
+    ok(
+        deepspec(&train_args(&recipe, &cache, &mixed, &["--resume"]), &[])
+            .output()
+            .unwrap(),
+    );
+    let worst = max_relative_difference(&one, &mixed);
+    assert!(worst <= 1e-6, "parameters differ by {worst:e} (relative)");
+    assert_same_curve(&losses(&one), &losses(&mixed));
+}
+
+#[test]
+fn rendezvous_errors_name_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let (recipe, cache) = setup(dir.path());
+    let port = free_ports();
+    let quick = ["--set", "train.dist_timeout_s=2"];
+    // Rank 1 of 2 never starts.
+    let out = rank(
+        &train_args(&recipe, &cache, &dir.path().join("a"), &quick),
+        0,
+        2,
+        port,
+    )
+    .wait_with_output()
+    .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(e.contains("rank(s) 1 of 2 did not join within 2 s"), "{e}");
+    // A rank of another job (other settings) is refused on both sides.
+    let port = free_ports();
+    let out_dir = dir.path().join("b");
+    let zero = rank(&train_args(&recipe, &cache, &out_dir, &quick), 0, 2, port);
+    let other = ["--set", "train.dist_timeout_s=2", "--set", "train.lr=1e-3"];
+    let one = rank(&train_args(&recipe, &cache, &out_dir, &other), 1, 2, port);
+    let (z, o) = (
+        zero.wait_with_output().unwrap(),
+        one.wait_with_output().unwrap(),
+    );
+    let (ez, eo) = (
+        String::from_utf8_lossy(&z.stderr),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(ez.contains("runs another job"), "{ez}");
+    assert!(eo.contains("rank 0 refused this rank"), "{eo}");
+    // A global batch the ranks cannot split evenly.
+    let port = free_ports().to_string();
+    let out = deepspec(
+        &train_args(
+            &recipe,
+            &cache,
+            &dir.path().join("c"),
+            &["--nproc-per-node", "3", "--master-port", &port],
+        ),
+        &[],
+    )
+    .output()
+    .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(e.contains("local_batch_size × ranks (1 × 3)"), "{e}");
+}
