@@ -3,7 +3,9 @@
 //! prompt indices and shards close only between batches, at sizes decided by the (therefore
 //! deterministic) samples; the manifest lists finished shards, so a re-run after a crash goes
 //! on from the first prompt they do not cover and ends with the same bytes as an uninterrupted
-//! run.
+//! run. With `prepare.shard_prompts` set, shards also close at its multiples, so a job can run
+//! as parts (`--shard i/n`, [`ShardSpec`]) that start there and are joined, byte for byte, by
+//! [`crate::cache::merge`] (docs/prepare-sharding.md).
 //!
 //! - [`prompts`]: JSONL prompt files (reference, OpenAI, ShareGPT shapes);
 //! - [`answer`]: answer regeneration and self-instruct prompts;
