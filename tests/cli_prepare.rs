@@ -595,3 +595,249 @@ fn prepare_in_a_log_prints_progress_lines_and_why_prompts_were_dropped() {
     );
     assert!(stderr.contains(": 3 samples"), "{stderr}");
 }
+
+/// A recipe whose shards also close at multiples of 9 prompts (three batches of 3), with
+/// shards small enough (about 58 KB a sample) that the size limit cuts inside a block too.
+fn sharding_recipe(dir: &Path, extra: &str) -> PathBuf {
+    golden_recipe(
+        dir,
+        &format!("shard_max_bytes = 500000\nshard_prompts = 9\n{extra}"),
+    )
+}
+
+/// Prepares part `i` of `n` of `prompts` into `out`.
+fn prepare_part(r: &Path, prompts: &Path, out: &Path, i: usize, n: usize) -> Output {
+    run(prepare(r, Some(prompts), out).args(["--shard", &format!("{i}/{n}")]))
+}
+
+fn merge(parts: &[&Path], out: &Path) -> Output {
+    run(deepspec()
+        .args(["cache", "merge"])
+        .args(parts)
+        .arg("--out")
+        .arg(out))
+}
+
+fn shard_ranges(dir: &Path) -> Vec<(u64, u64)> {
+    let m = deepspec_core::cache::Manifest::load(dir).unwrap();
+    m.shards
+        .iter()
+        .map(|s| (s.source_start, s.source_end))
+        .collect()
+}
+
+#[test]
+fn three_parts_merged_are_byte_identical_to_one_prepare() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = sharding_recipe(tmp.path(), "");
+    let prompts = prompt_file(tmp.path(), 24);
+    let whole = tmp.path().join("whole");
+    ok(&run(&mut prepare(&r, Some(&prompts), &whole)));
+    // Shards close at the blocks (9, 18) and, by size, inside them (6, 15).
+    assert_eq!(
+        shard_ranges(&whole),
+        vec![(0, 6), (6, 9), (9, 15), (15, 18), (18, 24)]
+    );
+
+    let parts: Vec<PathBuf> = (0..3)
+        .map(|i| tmp.path().join(format!("part{i}")))
+        .collect();
+    for (i, part) in parts.iter().enumerate() {
+        let said = ok(&prepare_part(&r, &prompts, part, i, 3));
+        assert!(said.contains(&format!("part {i}/3")), "{said}");
+    }
+    // 24 prompts in blocks of 9: [0, 9), [9, 18), [18, 24); each part numbers its shards
+    // from 0 and is not a cache by itself.
+    assert_eq!(shard_ranges(&parts[1]), vec![(9, 15), (15, 18)]);
+    let m1 = deepspec_core::cache::Manifest::load(&parts[1]).unwrap();
+    let part = m1.part.expect("a part records it");
+    assert_eq!(
+        (part.index, part.count, part.source_start, part.source_end),
+        (1, 3, 9, 18)
+    );
+    assert!(!m1.complete && m1.part_finished());
+    assert_eq!(m1.job.num_prompts, 24);
+    let err = failed(&validate(&parts[1]));
+    assert!(
+        err.contains("cache merge") && err.contains("part 1/3"),
+        "{err}"
+    );
+
+    // Any order of the parts.
+    let merged = tmp.path().join("merged");
+    let said = ok(&merge(&[&parts[2], &parts[0], &parts[1]], &merged));
+    assert!(said.contains("3 parts merged"), "{said}");
+    let expected = files(&whole);
+    let got = files(&merged);
+    let names = |f: &[(String, Vec<u8>)]| f.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&got), names(&expected));
+    assert!(expected.iter().any(|(n, _)| n == "manifest.json"));
+    for ((name, a), (_, b)) in got.iter().zip(&expected) {
+        assert!(
+            a == b,
+            "{name} differs between the merged parts and one prepare"
+        );
+    }
+    ok(&validate(&merged));
+
+    // A merged cache is not merged over.
+    let err = failed(&merge(&[&parts[0], &parts[1], &parts[2]], &merged));
+    assert!(err.contains("not empty"), "{err}");
+}
+
+#[test]
+fn merge_refuses_other_jobs_missing_repeated_cut_differently_and_unfinished_parts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = sharding_recipe(tmp.path(), "");
+    let prompts = prompt_file(tmp.path(), 24);
+    let part = |name: &str| tmp.path().join(name);
+    for i in 0..3 {
+        ok(&prepare_part(&r, &prompts, &part(&format!("a{i}")), i, 3));
+    }
+    let (a0, a1, a2) = (part("a0"), part("a1"), part("a2"));
+    let out = |name: &str| tmp.path().join("out").join(name);
+
+    // Another job: the same part of a run with another seed.
+    let other = sharding_recipe(tmp.path(), "");
+    let other = {
+        let text = std::fs::read_to_string(&other)
+            .unwrap()
+            .replace("seed = 11", "seed = 12");
+        let path = tmp.path().join("other.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    ok(&prepare_part(&other, &prompts, &part("b1"), 1, 3));
+    let err = failed(&merge(&[&a0, &part("b1"), &a2], &out("jobs")));
+    assert!(
+        err.contains("different jobs") && err.contains("job.seed") && err.contains("b1"),
+        "{err}"
+    );
+
+    // A missing part, named with its prompts.
+    let err = failed(&merge(&[&a0, &a2], &out("missing")));
+    assert!(
+        err.contains("part 1/3 (prompts [9, 18)) is missing"),
+        "{err}"
+    );
+
+    // The same part twice: both folders named.
+    std::fs::create_dir_all(part("copy")).unwrap();
+    let a1_copy = part("copy").join("a1");
+    ok(&run(Command::new("cp").arg("-r").arg(&a1).arg(&a1_copy)));
+    let err = failed(&merge(&[&a0, &a1, &a1_copy, &a2], &out("twice")));
+    assert!(
+        err.contains("are both part 1/3")
+            && err.contains(&a1.display().to_string())
+            && err.contains(&a1_copy.display().to_string()),
+        "{err}"
+    );
+
+    // Parts of a cut into 2 overlap those of a cut into 3.
+    ok(&prepare_part(&r, &prompts, &part("h0"), 0, 2));
+    let err = failed(&merge(&[&part("h0"), &a1, &a2], &out("cuts")));
+    assert!(err.contains("different numbers of parts"), "{err}");
+
+    // An interrupted part (its manifest lists one shard fewer than it needs).
+    let cut = part("cut2");
+    ok(&run(Command::new("cp").arg("-r").arg(&a1).arg(&cut)));
+    let mut m = deepspec_core::cache::Manifest::load(&cut).unwrap();
+    m.shards.pop();
+    m.recount();
+    m.store(&cut).unwrap();
+    let err = failed(&merge(&[&a0, &cut, &a2], &out("unfinished")));
+    assert!(
+        err.contains("part 1/3")
+            && err.contains("unfinished")
+            && err.contains("[9, 15) of [9, 18)"),
+        "{err}"
+    );
+
+    // A whole cache is not a part.
+    let whole = part("whole");
+    ok(&run(&mut prepare(&r, Some(&prompts), &whole)));
+    let err = failed(&merge(&[&whole], &out("whole")));
+    assert!(err.contains("field `part` is absent"), "{err}");
+
+    // Nothing was written by a refused merge.
+    assert!(!tmp.path().join("out").exists());
+    // The parts themselves merge.
+    ok(&merge(&[&a0, &a1, &a2], &out("good")));
+}
+
+#[test]
+fn shard_needs_a_fixed_list_and_shard_prompts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompt_file(tmp.path(), 6);
+    // Self-instruct prompts are written by the run: the list comes first.
+    let r = sharding_recipe(tmp.path(), "self_instruct_max_tokens = 10");
+    let err = failed(&run(prepare(&r, None, &tmp.path().join("si")).args([
+        "--self-instruct",
+        "6",
+        "--shard",
+        "0/2",
+    ])));
+    assert!(
+        err.contains("--prompts-out") && err.contains("write the list first"),
+        "{err}"
+    );
+    // Without prepare.shard_prompts there are no fixed boundaries to cut at.
+    let plain = golden_recipe(tmp.path(), "");
+    let err = failed(&prepare_part(&plain, &prompts, &tmp.path().join("p"), 0, 2));
+    assert!(
+        err.contains("prepare.shard_prompts") && err.contains("golden.toml"),
+        "{err}"
+    );
+    // A part folder resumes only the same part.
+    let r = sharding_recipe(tmp.path(), "");
+    let dir = tmp.path().join("part");
+    ok(&prepare_part(&r, &prompts, &dir, 0, 2));
+    let err = failed(&prepare_part(&r, &prompts, &dir, 1, 2));
+    assert!(err.contains("field `part`"), "{err}");
+    let err = failed(&run(
+        prepare(&r, Some(&prompts), &dir).args(["--shard", "2/2"])
+    ));
+    assert!(err.contains("INDEX/COUNT"), "{err}");
+}
+
+/// The list step writes the prompts `prepare --self-instruct N` answers; parts of that list
+/// merge to what one `prepare --prompts` of it gives.
+#[test]
+fn self_instruct_list_step_then_parts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = golden_recipe(
+        tmp.path(),
+        "shard_max_bytes = 500000\nshard_prompts = 3\nself_instruct_max_tokens = 10",
+    );
+    let list = tmp.path().join("list.jsonl");
+    let said = ok(&run(deepspec()
+        .args(["prepare", "--quiet", "--recipe"])
+        .arg(&r)
+        .args(["--self-instruct", "6", "--prompts-out"])
+        .arg(&list)));
+    assert!(said.contains("--shard i/n"), "{said}");
+    let whole_si = tmp.path().join("si");
+    ok(&run(
+        prepare(&r, None, &whole_si).args(["--self-instruct", "6"])
+    ));
+    assert_eq!(
+        std::fs::read_to_string(&list).unwrap(),
+        std::fs::read_to_string(whole_si.join("prompts.jsonl")).unwrap()
+    );
+    // The list is not overwritten.
+    let err = failed(&run(deepspec()
+        .args(["prepare", "--quiet", "--recipe"])
+        .arg(&r)
+        .args(["--self-instruct", "6", "--prompts-out"])
+        .arg(&list)));
+    assert!(err.contains("already exists"), "{err}");
+
+    let whole = tmp.path().join("whole");
+    ok(&run(&mut prepare(&r, Some(&list), &whole)));
+    let (p0, p1) = (tmp.path().join("p0"), tmp.path().join("p1"));
+    ok(&prepare_part(&r, &list, &p0, 0, 2));
+    ok(&prepare_part(&r, &list, &p1, 1, 2));
+    let merged = tmp.path().join("merged");
+    ok(&merge(&[&p0, &p1], &merged));
+    assert_eq!(files(&merged), files(&whole));
+}

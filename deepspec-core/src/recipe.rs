@@ -315,6 +315,10 @@ pub struct PrepareSection {
     pub batch_size: usize,
     /// Upper bound of one Parquet shard's payload, in bytes.
     pub shard_max_bytes: u64,
+    /// Also close a shard before every prompt index that is a multiple of this (a multiple
+    /// of `batch_size`). Needed by `prepare --shard i/n`, whose part boundaries fall on such
+    /// indices; a single run with the same value writes the same shards as the merged parts.
+    pub shard_prompts: Option<usize>,
     pub hidden_dtype: HiddenDtype,
     /// Longest user prompt `--self-instruct` lets the target write, in tokens.
     pub self_instruct_max_tokens: usize,
@@ -334,6 +338,7 @@ impl Default for PrepareSection {
             seed: 0,
             batch_size: 8,
             shard_max_bytes: 1 << 30,
+            shard_prompts: None,
             hidden_dtype: HiddenDtype::Bf16,
             self_instruct_max_tokens: 64,
             enable_thinking: false,
@@ -532,6 +537,17 @@ impl Recipe {
                 "prepare.shard_max_bytes",
                 "must be positive".into(),
             ));
+        }
+        if let Some(n) = p.shard_prompts {
+            if n == 0 || !n.is_multiple_of(p.batch_size) {
+                return Err(invalid(
+                    "prepare.shard_prompts",
+                    format!(
+                        "{n} must be a positive multiple of prepare.batch_size ({}), so batches never straddle a part boundary",
+                        p.batch_size
+                    ),
+                ));
+            }
         }
         Ok(())
     }

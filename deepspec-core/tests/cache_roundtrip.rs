@@ -71,6 +71,7 @@ fn write_cache(dir: &Path, dtype: HiddenDtype, samples: &[CacheSample]) -> Manif
             seed: 0,
             batch_size: 1,
             shard_max_bytes: 1 << 30,
+            shard_prompts: None,
         },
         num_samples: 0,
         num_tokens: 0,
@@ -88,6 +89,7 @@ fn write_cache(dir: &Path, dtype: HiddenDtype, samples: &[CacheSample]) -> Manif
             sha256: summary.sha256,
         }],
         import: None,
+        part: None,
     };
     manifest.recount();
     manifest.store(dir).unwrap();

@@ -1,4 +1,4 @@
-//! `deepspec cache ...`: check, summarize and import training caches.
+//! `deepspec cache ...`: check, summarize, merge and import training caches.
 
 use anyhow::{bail, Context};
 use deepspec_core::cache::synthetic::{write_v4_cache, write_v4_target, SyntheticCache};
@@ -98,6 +98,19 @@ pub enum CacheCommand {
     },
     /// Print a cache's size, token counts and sequence-length distribution.
     Stats { dir: PathBuf },
+    /// Join the parts of a sharded `deepspec prepare --shard i/n` into one cache,
+    /// byte-identical to a single `prepare` of the whole list. Refuses parts of different jobs
+    /// (target, tokenizer, layers, settings, prompt list) or cuts, a missing, repeated or
+    /// unfinished part, and an --out that holds anything. Shards are hard-linked where the
+    /// file system allows (copied otherwise) and checked against their SHA-256.
+    Merge {
+        /// Every part folder of the job (any order).
+        #[arg(required = true)]
+        parts: Vec<PathBuf>,
+        /// New cache folder (must not exist, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Convert a reference DeepSpec cache (manifest.json + samples.idx + shard-*.bin,
     /// format version 2) into a deepspec Parquet cache; values are copied bit for bit.
     ImportDeepspec {
@@ -259,6 +272,22 @@ pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
             Ok(())
         }
         CacheCommand::Stats { dir } => stats(&dir),
+        CacheCommand::Merge { parts, out } => {
+            let r = cache::merge::merge_parts(&parts, &out)
+                .with_context(|| format!("merging {} parts into {}", parts.len(), out.display()))?;
+            let m = &r.manifest;
+            println!(
+                "{}: {} parts merged: {} samples, {} tokens in {} shards ({} hard-linked, {} copied)",
+                out.display(),
+                r.parts,
+                m.num_samples,
+                m.num_tokens,
+                m.shards.len(),
+                r.linked,
+                r.copied
+            );
+            Ok(())
+        }
         CacheCommand::SyntheticV4 {
             recipe,
             out,

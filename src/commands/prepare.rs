@@ -5,7 +5,7 @@ use anyhow::Context;
 use burn::tensor::backend::Backend;
 use deepspec_core::cache::HiddenDtype;
 use deepspec_core::prepare::{
-    self, Dropped, OnBadLine, PrepareOptions, Progress, PromptSource, Throughput,
+    self, Dropped, OnBadLine, PrepareOptions, Progress, PromptSource, ShardSpec, Throughput,
 };
 use deepspec_core::progress::{self as shown, ProgressMode};
 use deepspec_core::recipe::Recipe;
@@ -35,9 +35,21 @@ pub struct PrepareArgs {
     /// Use only the first N prompts.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
-    /// Cache folder (created; an existing cache of the same job is resumed).
-    #[arg(long)]
-    pub out: PathBuf,
+    /// Prepare only part I (from 0) of N of the prompt list, into its own --out folder; join
+    /// the N folders with `deepspec cache merge`. Needs `prepare.shard_prompts` in the recipe
+    /// (parts start at multiples of it) and a fixed list (--prompts). See
+    /// docs/prepare-sharding.md.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<ShardSpec>,
+    /// With --self-instruct: write the prompts the target writes to this JSONL file and stop
+    /// (no answers, no cache); the list step of a sharded job, whose parts then use
+    /// `--prompts FILE --shard i/n`.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompts", "shard", "estimate"])]
+    pub prompts_out: Option<PathBuf>,
+    /// Cache folder (created; an existing cache of the same job is resumed). Not used with
+    /// --prompts-out.
+    #[arg(long, required_unless_present = "prompts_out")]
+    pub out: Option<PathBuf>,
     /// What to do with a malformed prompt line: `fail` stops naming file, line and field;
     /// `skip` reports it and goes on.
     #[arg(long, value_enum, default_value_t = BadLine::Fail)]
@@ -91,7 +103,8 @@ impl PrepareArgs {
             recipe_path,
             source,
             limit: self.limit,
-            out: self.out.clone(),
+            out: self.out.clone().unwrap_or_default(),
+            shard: self.shard,
         })
     }
 }
@@ -186,6 +199,20 @@ impl OnBackend for PrepareArgs {
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
         let opts = self.options()?;
+        let mode = if self.quiet {
+            ProgressMode::Silent
+        } else {
+            ProgressMode::detect()
+        };
+        if let Some(path) = &self.prompts_out {
+            let n = prepare::write_self_instruct_list::<B>(&opts, &device, &Bar::new(mode), path)?;
+            eprintln!(
+                "{}: {n} self-instruct prompts; prepare them with `--prompts {} --shard i/n`",
+                path.display(),
+                path.display()
+            );
+            return Ok(());
+        }
         if !self.quiet {
             let e = prepare::estimate(&opts)?;
             eprintln!(
@@ -197,18 +224,22 @@ impl OnBackend for PrepareArgs {
                 e.hidden_dtype.name()
             );
         }
-        let bar = Bar {
-            phase: RefCell::new(None),
-            mode: if self.quiet {
-                ProgressMode::Silent
-            } else {
-                ProgressMode::detect()
-            },
-        };
+        let bar = Bar::new(mode);
         let report = prepare::prepare::<B>(&opts, &device, &bar)
             .with_context(|| format!("preparing {}", opts.out.display()))?;
         let m = &report.manifest;
         let t = &report.throughput;
+        if let Some(part) = m.part {
+            eprintln!(
+                "{}: {part}{}",
+                opts.out.display(),
+                if m.part_finished() {
+                    ", finished; join the parts with `deepspec cache merge`"
+                } else {
+                    ""
+                }
+            );
+        }
         eprintln!(
             "{}: {} samples, {} tokens ({} trained) in {} shards ({} written now, {} kept)",
             opts.out.display(),

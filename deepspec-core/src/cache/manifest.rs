@@ -51,6 +51,48 @@ pub struct JobSettings {
     /// A shard is closed before the next batch would push its payload past this, so shard
     /// boundaries depend only on the (deterministic) samples, never on interruptions.
     pub shard_max_bytes: u64,
+    /// When set, a shard also closes before every prompt index that is a multiple of this
+    /// (a multiple of `batch_size`), so `prepare --shard i/n` parts, whose boundaries fall on
+    /// such indices, write exactly the shards a single run writes. Absent: shards close by
+    /// size only (and the job cannot be sharded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_prompts: Option<u64>,
+}
+
+/// That a cache is part `index` of `count` of a sharded `prepare` job: it answers the prompts
+/// `[source_start, source_end)` of the job's list (see [`part_range`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartOf {
+    pub index: u64,
+    pub count: u64,
+    pub source_start: u64,
+    pub source_end: u64,
+}
+
+impl std::fmt::Display for PartOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "part {}/{} (prompts [{}, {}))",
+            self.index, self.count, self.source_start, self.source_end
+        )
+    }
+}
+
+/// The prompts `[start, end)` of part `index` of `count` of a job of `num_prompts` prompts
+/// whose shards close at multiples of `shard_prompts`: the list is cut into blocks of
+/// `shard_prompts` prompts (the last one may be shorter) and part `index` takes blocks
+/// `[index·B/count, (index+1)·B/count)` of the `B` blocks, so the parts are contiguous, cover
+/// every prompt once, and depend only on these four numbers. A part may be empty when there
+/// are fewer blocks than parts.
+pub fn part_range(num_prompts: u64, shard_prompts: u64, index: u64, count: u64) -> (u64, u64) {
+    assert!(shard_prompts > 0 && count > 0 && index < count);
+    let blocks = num_prompts.div_ceil(shard_prompts) as u128;
+    let edge = |i: u64| {
+        let block = (i as u128 * blocks / count as u128) as u64;
+        (block * shard_prompts).min(num_prompts)
+    };
+    (edge(index), edge(index + 1))
 }
 
 /// One finished shard.
@@ -92,6 +134,11 @@ pub struct Manifest {
     /// Where an imported cache's hidden states came from; absent for `prepare`'s caches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub import: Option<ImportSource>,
+    /// Present on the output of `prepare --shard i/n`: which part of the job this is (its
+    /// shards are numbered from 0 within the part). `deepspec cache merge` joins the parts
+    /// into a cache without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<PartOf>,
 }
 
 /// The provenance of a cache imported from a serving engine's hidden-state dumps.
@@ -207,12 +254,30 @@ impl Manifest {
         self.num_samples = next;
         self.num_tokens = self.shards.iter().map(|s| s.num_tokens).sum();
         self.num_loss_tokens = self.shards.iter().map(|s| s.num_loss_tokens).sum();
-        self.complete = self.prompts_covered() == self.job.num_prompts;
+        // A part is never a whole cache, however finished (see `part_finished`).
+        self.complete = self.part.is_none() && self.prompts_covered() == self.job.num_prompts;
     }
 
-    /// How many prompts the shards answer, counting only the contiguous run from prompt 0.
+    /// The first prompt this cache answers: 0, or a part's `source_start`.
+    pub fn first_prompt(&self) -> u64 {
+        self.part.map_or(0, |p| p.source_start)
+    }
+
+    /// The prompt after the last one this cache is meant to answer: the job's `num_prompts`,
+    /// or a part's `source_end`.
+    pub fn end_prompt(&self) -> u64 {
+        self.part.map_or(self.job.num_prompts, |p| p.source_end)
+    }
+
+    /// True for a part whose shards answer its whole range.
+    pub fn part_finished(&self) -> bool {
+        self.part.is_some() && self.prompts_covered() == self.end_prompt()
+    }
+
+    /// Where the shards' answers end, counting only the contiguous run from
+    /// [`Manifest::first_prompt`] (prompt 0 for a whole cache).
     pub fn prompts_covered(&self) -> u64 {
-        let mut next = 0;
+        let mut next = self.first_prompt();
         for shard in &self.shards {
             if shard.source_start != next {
                 break;
@@ -226,21 +291,38 @@ impl Manifest {
         self.target_layer_ids.len()
     }
 
-    /// Refuses to add to this cache with a different target, tokenizer, layer set, storage
-    /// or job: the error names the first field that differs.
+    /// Refuses to add to this cache with a different target, tokenizer, layer set, storage,
+    /// job or part: the error names the first field that differs.
     pub fn check_same_job(&self, dir: &Path, other: &Manifest) -> Result<(), CacheError> {
         let path = Self::path(dir);
-        let differs = |field: &str, ours: String, theirs: String| {
-            CacheError::field(
+        let difference = self.job_difference(other).or_else(|| {
+            let describe = |p: &Option<PartOf>| match p {
+                None => "no part (a whole job)".to_string(),
+                Some(p) => p.to_string(),
+            };
+            (self.part != other.part)
+                .then(|| ("part".into(), describe(&self.part), describe(&other.part)))
+        });
+        match difference {
+            None => Ok(()),
+            Some((field, ours, theirs)) => Err(CacheError::field(
                 &path,
                 field,
                 format!(
                     "the cache was made with {ours}, this run uses {theirs}; refusing to mix them (use a new --out folder)"
                 ),
-            )
-        };
+            )),
+        }
+    }
+
+    /// The first field that decides the content and differs between the two manifests
+    /// (target, tokenizer, layers, storage, import, job settings; not the part, the shards or
+    /// the totals), as (field, this manifest's value, the other's value).
+    pub fn job_difference(&self, other: &Manifest) -> Option<(String, String, String)> {
+        let differs =
+            |field: &str, ours: String, theirs: String| Some((field.to_string(), ours, theirs));
         if self.target.sha256 != other.target.sha256 {
-            return Err(differs(
+            return differs(
                 "target.sha256",
                 format!(
                     "target {} ({:?})",
@@ -250,28 +332,35 @@ impl Manifest {
                     "target {} ({:?})",
                     other.target.name_or_path, other.target.sha256
                 ),
-            ));
+            );
         }
         if self.tokenizer_sha256 != other.tokenizer_sha256 {
-            return Err(differs(
+            return differs(
                 "tokenizer_sha256",
                 format!("tokenizer {:?}", self.tokenizer_sha256),
                 format!("tokenizer {:?}", other.tokenizer_sha256),
-            ));
+            );
         }
         if self.target_layer_ids != other.target_layer_ids {
-            return Err(differs(
+            return differs(
                 "target_layer_ids",
                 format!("layers {:?}", self.target_layer_ids),
                 format!("layers {:?}", other.target_layer_ids),
-            ));
+            );
         }
         if self.hidden_dtype != other.hidden_dtype {
-            return Err(differs(
+            return differs(
                 "hidden_dtype",
                 self.hidden_dtype.name().into(),
                 other.hidden_dtype.name().into(),
-            ));
+            );
+        }
+        if self.hidden_size != other.hidden_size {
+            return differs(
+                "hidden_size",
+                format!("hidden size {}", self.hidden_size),
+                format!("hidden size {}", other.hidden_size),
+            );
         }
         if self.import != other.import {
             let describe = |i: &Option<ImportSource>| match i {
@@ -285,31 +374,67 @@ impl Manifest {
                     i.files.len()
                 ),
             };
-            return Err(differs(
-                "import",
-                describe(&self.import),
-                describe(&other.import),
-            ));
+            return differs("import", describe(&self.import), describe(&other.import));
         }
         if self.job != other.job {
             let ours = serde_json::to_value(&self.job).expect("job serializes");
             let theirs = serde_json::to_value(&other.job).expect("job serializes");
+            let null = serde_json::Value::Null;
             let key = ours
                 .as_object()
-                .and_then(|o| o.keys().find(|k| ours[k.as_str()] != theirs[k.as_str()]))
+                .into_iter()
+                .chain(theirs.as_object())
+                .flat_map(|o| o.keys())
+                .find(|k| {
+                    ours.get(k.as_str()).unwrap_or(&null) != theirs.get(k.as_str()).unwrap_or(&null)
+                })
                 .cloned()
                 .unwrap_or_default();
-            return Err(differs(
+            let value = |v: &serde_json::Value| v.get(key.as_str()).unwrap_or(&null).to_string();
+            return differs(
                 &format!("job.{key}"),
-                format!("{key} = {}", ours[key.as_str()]),
-                format!("{key} = {}", theirs[key.as_str()]),
-            ));
+                format!("{key} = {}", value(&ours)),
+                format!("{key} = {}", value(&theirs)),
+            );
         }
-        Ok(())
+        None
     }
 }
 
 /// `shard-00012.parquet`
 pub fn shard_file_name(k: u64) -> String {
     format!("shard-{k:05}.parquet")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::part_range;
+
+    /// Parts are contiguous, cover every prompt once, start at block multiples, and depend
+    /// only on (prompts, block, index, count).
+    #[test]
+    fn part_ranges_tile_the_list_at_block_boundaries() {
+        for prompts in [0u64, 1, 5, 9, 24, 25, 1000] {
+            for block in [1u64, 3, 9, 64] {
+                for count in 1..=9u64 {
+                    let mut next = 0;
+                    for index in 0..count {
+                        let (s, e) = part_range(prompts, block, index, count);
+                        assert_eq!(s, next, "{prompts} {block} {index}/{count}");
+                        assert!(s <= e);
+                        assert!(s.is_multiple_of(block) || s == prompts);
+                        next = e;
+                    }
+                    assert_eq!(next, prompts);
+                }
+            }
+        }
+        assert_eq!(part_range(24, 9, 0, 3), (0, 9));
+        assert_eq!(part_range(24, 9, 1, 3), (9, 18));
+        assert_eq!(part_range(24, 9, 2, 3), (18, 24));
+        // More parts than blocks: some parts are empty.
+        assert_eq!(part_range(6, 3, 0, 3), (0, 0));
+        assert_eq!(part_range(6, 3, 1, 3), (0, 3));
+        assert_eq!(part_range(6, 3, 2, 3), (3, 6));
+    }
 }

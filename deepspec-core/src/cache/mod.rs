@@ -5,16 +5,21 @@
 //! - [`manifest`]: `manifest.json` (written with [`crate::io::atomic`]), identity checks;
 //! - [`writer`]: one shard, streamed, temporary name then rename;
 //! - [`reader`]: one sample by index (one row group), and full validation;
+//! - [`merge`]: the parts of a sharded `prepare` joined into one cache;
 //! - [`reference`]: the reference's binary cache (version 2), for import.
 
 pub mod manifest;
+pub mod merge;
 pub mod reader;
 pub mod reference;
 pub mod schema;
 pub mod synthetic;
 pub mod writer;
 
-pub use manifest::{ImportSource, ImportedFile, JobSettings, Manifest, ShardEntry, TargetIdentity};
+pub use manifest::{
+    part_range, ImportSource, ImportedFile, JobSettings, Manifest, PartOf, ShardEntry,
+    TargetIdentity,
+};
 pub use reader::{validate, CacheReader, ValidationReport};
 pub use schema::{EncodedHidden, HiddenDtype};
 pub use writer::{ShardLayout, ShardSummary, ShardWriter};

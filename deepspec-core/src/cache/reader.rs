@@ -328,6 +328,16 @@ pub fn validate(dir: &Path) -> Result<ValidationReport, CacheError> {
             "must be positive",
         ));
     }
+    if let Some(part) = m.part {
+        return Err(CacheError::field(
+            &manifest_path,
+            "part",
+            format!(
+                "this folder is {part} of a sharded `deepspec prepare`, not a whole cache; join all {} parts with `deepspec cache merge PART... --out CACHE` and validate that",
+                part.count
+            ),
+        ));
+    }
     if !m.complete || m.prompts_covered() != m.job.num_prompts {
         return Err(CacheError::field(
             &manifest_path,

@@ -282,12 +282,14 @@ pub fn import_reference(
             seed: 0,
             batch_size: 0,
             shard_max_bytes,
+            shard_prompts: None,
         },
         num_samples: 0,
         num_tokens: 0,
         num_loss_tokens: 0,
         shards: Vec::new(),
         import: None,
+        part: None,
     };
     // Group samples into shards by payload size, then write them.
     let mut groups: Vec<Vec<usize>> = Vec::new();

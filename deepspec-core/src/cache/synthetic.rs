@@ -171,6 +171,7 @@ pub fn write_v4_cache(
             seed: spec.seed,
             batch_size: 0,
             shard_max_bytes: u64::MAX,
+            shard_prompts: None,
         },
         num_samples: 0,
         num_tokens: 0,
@@ -188,6 +189,7 @@ pub fn write_v4_cache(
             sha256: summary.sha256,
         }],
         import: None,
+        part: None,
     };
     manifest.recount();
     manifest.store(dst)?;

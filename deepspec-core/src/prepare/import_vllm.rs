@@ -340,7 +340,10 @@ pub fn import_vllm(
         source: PromptSource::SelfInstruct(1),
         limit: None,
         out: out.clone(),
+        shard: None,
     })?;
+    // Imports close shards by size only (they cannot be sharded by prompt position).
+    planned.manifest.job.shard_prompts = None;
     let target = &recipe.model.target_model_name_or_path;
     let (config, tok) = crate::model::load_target_meta(target)?;
     if config.family == Family::DeepseekV4 && opts.last_slot == LastSlot::PreNorm {

@@ -3,7 +3,9 @@
 //! prompt indices and shards close only between batches, at sizes decided by the (therefore
 //! deterministic) samples; the manifest lists finished shards, so a re-run after a crash goes
 //! on from the first prompt they do not cover and ends with the same bytes as an uninterrupted
-//! run.
+//! run. With `prepare.shard_prompts` set, shards also close at its multiples, so a job can run
+//! as parts (`--shard i/n`, [`ShardSpec`]) that start there and are joined, byte for byte, by
+//! [`crate::cache::merge`] (docs/prepare-sharding.md).
 //!
 //! - [`prompts`]: JSONL prompt files (reference, OpenAI, ShareGPT shapes);
 //! - [`answer`]: answer regeneration and self-instruct prompts;
@@ -16,7 +18,7 @@ pub mod plan;
 pub mod prompts;
 pub mod target_pass;
 
-pub use plan::{estimate, Estimate, PrepareOptions, PromptSource};
+pub use plan::{estimate, Estimate, PrepareOptions, PromptSource, ShardSpec};
 pub use prompts::{Conversation, OnBadLine};
 
 use crate::cache::manifest::shard_file_name;
@@ -24,7 +26,7 @@ use crate::cache::{Manifest, ShardEntry, ShardWriter};
 use crate::generate::GenerateParams;
 use crate::io::atomic::write_atomically;
 use crate::io::chat::{tokenize_conversation, ChatTemplate};
-use crate::model::load_target;
+use crate::model::{load_target, LoadedTarget};
 use answer::AnswerSettings;
 use anyhow::Context;
 use burn::tensor::backend::Backend;
@@ -165,36 +167,8 @@ pub fn prepare<B: Backend>(
         None
     };
 
-    let target =
-        load_target::<B>(&recipe.model.target_model_name_or_path, device).with_context(|| {
-            format!(
-                "loading the target model {} (recipe field `model.target_model_name_or_path`)",
-                recipe.model.target_model_name_or_path.display()
-            )
-        })?;
-    let template = ChatTemplate::for_format(&target.tokenizer, &planned.format)
-        .context("compiling the model's chat template")?;
-    let stop_ids = crate::generate::stop_ids(
-        &target.tokenizer,
-        Some(&planned.format),
-        &recipe.prepare.stop_tokens,
-    )
-    .with_context(|| opts.recipe_path.display().to_string())?;
+    let (target, template, settings) = load_for_job::<B>(opts, &planned, device)?;
     let p = &recipe.prepare;
-    let settings = AnswerSettings {
-        params: GenerateParams {
-            max_new_tokens: p.max_new_tokens,
-            sampling: crate::sampling::SamplingParams {
-                temperature: p.temperature,
-                top_k: p.top_k,
-                top_p: p.top_p,
-            },
-            stop_ids,
-        },
-        enable_thinking: p.enable_thinking,
-        max_length: recipe.data.max_length,
-        seed: p.seed,
-    };
     let mut throughput = Throughput::default();
 
     let prompts_file = out.join(plan::PROMPTS_FILE);
@@ -208,36 +182,15 @@ pub fn prepare<B: Backend>(
             });
             match reuse {
                 Some(prompts) => prompts?,
-                None => {
-                    let count = planned.self_instruct.unwrap_or(0);
-                    progress.begin("self-instruct", count as u64);
-                    let mut si = settings.clone();
-                    si.params.max_new_tokens = p.self_instruct_max_tokens;
-                    let started = Instant::now();
-                    let mut kept_before = 0;
-                    let prompts = answer::self_instruct(
-                        &target,
-                        &template,
-                        &planned.format,
-                        count,
-                        &si,
-                        p.batch_size,
-                        |kept, tokens| {
-                            throughput.generated_tokens += tokens;
-                            throughput.generation_secs = started.elapsed().as_secs_f64();
-                            progress.advance((kept - kept_before) as u64, &throughput);
-                            kept_before = kept;
-                        },
-                    )?;
-                    progress.finish();
-                    if prompts.len() < count {
-                        progress.warn(&format!(
-                            "self-instruct wrote only {} distinct prompts of {count} asked",
-                            prompts.len()
-                        ));
-                    }
-                    prompts
-                }
+                None => run_self_instruct(
+                    &target,
+                    &template,
+                    &planned,
+                    &settings,
+                    opts,
+                    progress,
+                    &mut throughput,
+                )?,
             }
         }
     };
@@ -261,9 +214,10 @@ pub fn prepare<B: Backend>(
     manifest.shards.truncate(kept);
     manifest.recount();
     let layout = planned.layout.clone();
-    let total = prompts.len() as u64;
+    // The whole list, or a part's range of it (`--shard i/n`).
+    let end = manifest.end_prompt();
     let resume_at = manifest.prompts_covered();
-    progress.begin("prepare", total - resume_at);
+    progress.begin("prepare", end - resume_at);
     let per_token = layout
         .hidden_dtype
         .bytes_per_token(layout.hidden_size, layout.target_layer_ids.len())
@@ -271,8 +225,8 @@ pub fn prepare<B: Backend>(
     let mut open: Option<OpenShard> = None;
     let mut written = 0;
     let mut dropped = Dropped::default();
-    for batch_start in (resume_at..total).step_by(p.batch_size) {
-        let batch_end = (batch_start + p.batch_size as u64).min(total);
+    for batch_start in (resume_at..end).step_by(p.batch_size) {
+        let batch_end = (batch_start + p.batch_size as u64).min(end);
         let sources: Vec<u64> = (batch_start..batch_end).collect();
         let batch = &prompts[batch_start as usize..batch_end as usize];
         let started = Instant::now();
@@ -330,16 +284,20 @@ pub fn prepare<B: Backend>(
         throughput.target_tokens += samples.iter().map(|s| s.seq_len() as u64).sum::<u64>();
         throughput.target_secs += started.elapsed().as_secs_f64();
 
-        // Close the open shard before this batch would overflow it; a batch larger than the
-        // limit goes alone into its shard.
+        // Close the open shard before this batch would overflow it (a batch larger than the
+        // limit goes alone into its shard), and at every multiple of `shard_prompts`, where
+        // parts of a sharded job may begin.
         let batch_bytes: u64 = samples
             .iter()
             .map(|s| s.seq_len() as u64 * per_token + plan::SAMPLE_OVERHEAD_BYTES)
             .sum();
-        if open
-            .as_ref()
-            .is_some_and(|o| o.payload > 0 && o.payload + batch_bytes > p.shard_max_bytes)
-        {
+        let at_block = manifest
+            .job
+            .shard_prompts
+            .is_some_and(|n| batch_start.is_multiple_of(n));
+        if open.as_ref().is_some_and(|o| {
+            at_block || (o.payload > 0 && o.payload + batch_bytes > p.shard_max_bytes)
+        }) {
             let shard = open.take().expect("checked");
             shard.finish(out, batch_start, &mut manifest)?;
             written += 1;
@@ -360,7 +318,7 @@ pub fn prepare<B: Backend>(
         progress.advance(batch.len() as u64, &throughput);
     }
     if let Some(shard) = open {
-        shard.finish(out, total, &mut manifest)?;
+        shard.finish(out, end, &mut manifest)?;
         written += 1;
     }
     manifest.recount();
@@ -371,9 +329,129 @@ pub fn prepare<B: Backend>(
         throughput,
         shards_written: written,
         shards_kept: kept,
-        prompts_processed: total - resume_at,
+        prompts_processed: end - resume_at,
         dropped,
     })
+}
+
+/// The target, its chat template and the answer settings of the job `planned`.
+fn load_for_job<B: Backend>(
+    opts: &PrepareOptions,
+    planned: &plan::Planned,
+    device: &B::Device,
+) -> anyhow::Result<(LoadedTarget<B>, ChatTemplate, AnswerSettings)> {
+    let recipe = &opts.recipe;
+    let target =
+        load_target::<B>(&recipe.model.target_model_name_or_path, device).with_context(|| {
+            format!(
+                "loading the target model {} (recipe field `model.target_model_name_or_path`)",
+                recipe.model.target_model_name_or_path.display()
+            )
+        })?;
+    let template = ChatTemplate::for_format(&target.tokenizer, &planned.format)
+        .context("compiling the model's chat template")?;
+    let stop_ids = crate::generate::stop_ids(
+        &target.tokenizer,
+        Some(&planned.format),
+        &recipe.prepare.stop_tokens,
+    )
+    .with_context(|| opts.recipe_path.display().to_string())?;
+    let p = &recipe.prepare;
+    let settings = AnswerSettings {
+        params: GenerateParams {
+            max_new_tokens: p.max_new_tokens,
+            sampling: crate::sampling::SamplingParams {
+                temperature: p.temperature,
+                top_k: p.top_k,
+                top_p: p.top_p,
+            },
+            stop_ids,
+        },
+        enable_thinking: p.enable_thinking,
+        max_length: recipe.data.max_length,
+        seed: p.seed,
+    };
+    Ok((target, template, settings))
+}
+
+/// Lets the target write the job's `--self-instruct N` prompts.
+#[allow(clippy::too_many_arguments)]
+fn run_self_instruct<B: Backend>(
+    target: &LoadedTarget<B>,
+    template: &ChatTemplate,
+    planned: &plan::Planned,
+    settings: &AnswerSettings,
+    opts: &PrepareOptions,
+    progress: &dyn Progress,
+    throughput: &mut Throughput,
+) -> anyhow::Result<Vec<Conversation>> {
+    let p = &opts.recipe.prepare;
+    let count = planned.self_instruct.unwrap_or(0);
+    progress.begin("self-instruct", count as u64);
+    let mut si = settings.clone();
+    si.params.max_new_tokens = p.self_instruct_max_tokens;
+    let started = Instant::now();
+    let mut kept_before = 0;
+    let prompts = answer::self_instruct(
+        target,
+        template,
+        &planned.format,
+        count,
+        &si,
+        p.batch_size,
+        |kept, tokens| {
+            throughput.generated_tokens += tokens;
+            throughput.generation_secs = started.elapsed().as_secs_f64();
+            progress.advance((kept - kept_before) as u64, throughput);
+            kept_before = kept;
+        },
+    )?;
+    progress.finish();
+    if prompts.len() < count {
+        progress.warn(&format!(
+            "self-instruct wrote only {} distinct prompts of {count} asked",
+            prompts.len()
+        ));
+    }
+    Ok(prompts)
+}
+
+/// The list step of a sharded self-instruct job: the target writes `--self-instruct N`
+/// prompts (exactly those `prepare --self-instruct N` would answer) and they are saved,
+/// normalized, to `path` (atomically; an existing file is refused so that parts already run
+/// on it keep their list). The parts then run `prepare --prompts path --shard i/n`. Returns
+/// how many prompts were written.
+pub fn write_self_instruct_list<B: Backend>(
+    opts: &PrepareOptions,
+    device: &B::Device,
+    progress: &dyn Progress,
+    path: &std::path::Path,
+) -> anyhow::Result<usize> {
+    anyhow::ensure!(
+        matches!(opts.source, PromptSource::SelfInstruct(_)),
+        "--prompts-out writes a self-instruct prompt list; it does not go with --prompts"
+    );
+    if path.exists() {
+        anyhow::bail!(
+            "--prompts-out {}: the file already exists; parts may already answer it, so it is not overwritten (delete it or choose another path)",
+            path.display()
+        );
+    }
+    let planned = plan::plan_job(opts)?;
+    let (target, template, settings) = load_for_job::<B>(opts, &planned, device)?;
+    let mut throughput = Throughput::default();
+    let prompts = run_self_instruct(
+        &target,
+        &template,
+        &planned,
+        &settings,
+        opts,
+        progress,
+        &mut throughput,
+    )?;
+    write_atomically(path, prompts::to_jsonl(&prompts).as_bytes())
+        .with_context(|| format!("writing --prompts-out {}", path.display()))?;
+    Ok(prompts.len())
 }
 
 /// The shard being filled.
@@ -430,9 +508,9 @@ impl OpenShard {
 }
 
 /// How many of the manifest's shards are kept: the longest prefix that is contiguous from
-/// prompt 0 and whose files have the listed sizes (a full check is `deepspec cache validate`).
+/// the first prompt (0, or a part's start) and whose files have the listed sizes (a full check is `deepspec cache validate`).
 pub(crate) fn kept_prefix(dir: &std::path::Path, manifest: &Manifest) -> usize {
-    let mut next = 0;
+    let mut next = manifest.first_prompt();
     for (k, s) in manifest.shards.iter().enumerate() {
         let whole = s.shard_id == k as u64
             && s.source_start == next

@@ -3,7 +3,9 @@
 
 use super::prompts::{self, Conversation, OnBadLine};
 use crate::cache::manifest::{FORMAT_NAME, FORMAT_VERSION};
-use crate::cache::{HiddenDtype, JobSettings, Manifest, ShardLayout, TargetIdentity};
+use crate::cache::{
+    part_range, HiddenDtype, JobSettings, Manifest, PartOf, ShardLayout, TargetIdentity,
+};
 use crate::io::chat::{ChatTemplate, Message, TurnFormat};
 use crate::model::load_target_meta;
 use crate::recipe::Recipe;
@@ -37,6 +39,30 @@ pub struct PrepareOptions {
     /// Use only the first N prompts.
     pub limit: Option<usize>,
     pub out: PathBuf,
+    /// Prepare only this part of the prompt list (`--shard i/n`).
+    pub shard: Option<ShardSpec>,
+}
+
+/// `--shard INDEX/COUNT`: part `index` (from 0) of `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardSpec {
+    pub index: u64,
+    pub count: u64,
+}
+
+impl std::str::FromStr for ShardSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not INDEX/COUNT with 0 <= INDEX < COUNT (e.g. `0/8`)");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let index: u64 = i.trim().parse().map_err(|_| bad())?;
+        let count: u64 = n.trim().parse().map_err(|_| bad())?;
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(ShardSpec { index, count })
+    }
 }
 
 pub(crate) struct Planned {
@@ -118,6 +144,13 @@ fn read_source(
             None,
         ),
         PromptSource::SelfInstruct(n) => {
+            if let Some(shard) = opts.shard {
+                anyhow::bail!(
+                    "--shard {}/{} needs a fixed prompt list, and self-instruct prompts are written by the run: write the list first with `deepspec prepare --recipe R --self-instruct N --prompts-out prompts.jsonl`, then run every part with `--prompts prompts.jsonl --shard i/n`",
+                    shard.index,
+                    shard.count
+                );
+            }
             let n = opts.limit.map_or(*n, |l| l.min(*n));
             anyhow::ensure!(n > 0, "--self-instruct needs a positive count");
             (None, Some(n))
@@ -194,12 +227,14 @@ fn plan_job_warn(opts: &PrepareOptions, warn: &mut dyn FnMut(&str)) -> anyhow::R
             seed: p.seed,
             batch_size: p.batch_size,
             shard_max_bytes: p.shard_max_bytes,
+            shard_prompts: p.shard_prompts.map(|n| n as u64),
         },
         num_samples: 0,
         num_tokens: 0,
         num_loss_tokens: 0,
         shards: Vec::new(),
         import: None,
+        part: None,
     };
     let mut planned = Planned {
         manifest,
@@ -210,6 +245,25 @@ fn plan_job_warn(opts: &PrepareOptions, warn: &mut dyn FnMut(&str)) -> anyhow::R
     };
     if let Some(prompts) = prompts {
         planned.set_prompts(&prompts::to_jsonl(&prompts), prompts.len() as u64);
+        if let Some(shard) = opts.shard {
+            let Some(block) = planned.manifest.job.shard_prompts else {
+                anyhow::bail!(
+                    "{}: field `prepare.shard_prompts` is not set: --shard {}/{} cuts the prompt list at multiples of it, so set it in the recipe (a multiple of prepare.batch_size = {}, e.g. `shard_prompts = {}`) and use the same recipe for every part",
+                    opts.recipe_path.display(),
+                    shard.index,
+                    shard.count,
+                    p.batch_size,
+                    p.batch_size * 128
+                );
+            };
+            let (start, end) = part_range(prompts.len() as u64, block, shard.index, shard.count);
+            planned.manifest.part = Some(PartOf {
+                index: shard.index,
+                count: shard.count,
+                source_start: start,
+                source_end: end,
+            });
+        }
         planned.prompts = Some(prompts);
     }
     Ok(planned)
