@@ -135,8 +135,8 @@ fn losses(out: &Path) -> Vec<(u64, f64)> {
 
 /// The largest difference between two checkpoints' tensors, relative to the largest value.
 fn max_relative_difference(a: &Path, b: &Path) -> f64 {
-    let fa = SafetensorsFile::open(&a.join("step_latest/model.safetensors")).unwrap();
-    let fb = SafetensorsFile::open(&b.join("step_latest/model.safetensors")).unwrap();
+    let fa = SafetensorsFile::open(a.join("step_latest/model.safetensors")).unwrap();
+    let fb = SafetensorsFile::open(b.join("step_latest/model.safetensors")).unwrap();
     let names: Vec<String> = fa.tensor_names().cloned().collect();
     assert_eq!(names.len(), fb.tensor_names().count());
     let mut worst: f64 = 0.0;

@@ -24,6 +24,7 @@ fn try_train(out: &Path, steps: usize, resume: bool) -> anyhow::Result<()> {
         out,
         resume,
         &device,
+        &deepspec_train::dist::collective::Comm::solo(&device),
     )
     .map(|_| ())
 }

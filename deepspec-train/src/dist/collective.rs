@@ -26,7 +26,7 @@ enum Engine {
     Solo,
     /// burn-collective's global mode: one local device per process, one "node" per rank;
     /// collectives alternate between the two configurations (tensor server ports).
-    Burn([CollectiveConfig; 2]),
+    Burn(Box<[CollectiveConfig; 2]>),
 }
 
 /// This rank's handle on the others.
@@ -108,7 +108,7 @@ impl<B: Backend> Comm<B> {
         let configs = [config(data_ports[0])?, config(data_ports[1])?];
         Ok(Comm {
             world: world.clone(),
-            engine: Engine::Burn(configs),
+            engine: Engine::Burn(Box::new(configs)),
             liveness: peers.liveness,
             timeout: settings.timeout,
             device: device.clone(),
