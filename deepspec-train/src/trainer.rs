@@ -353,7 +353,6 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     let steps_at_start = state.global_step;
     let mut last_checkpoint = checkpoint::latest(out);
-    let inner_device = Tensor::<B, 1>::zeros([1], device).inner().device();
     // This rank's k-th micro-batch of the step whose first micro-batch is `first`.
     let mine = |first: usize, k: usize| first + k * world + rank;
     let load = |micro: usize| -> anyhow::Result<TrainBatch> {
@@ -365,7 +364,7 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
         Ok(collate(&samples, data.widths(), settings.max_length))
     };
     let read_window = |window: &mut Window<B>, lr: f64| -> anyhow::Result<ReadWindow> {
-        std::mem::take(window).read_with(lr, |m| reduce_metrics(m, comm, &inner_device))
+        std::mem::take(window).read_with(lr, |m| reduce_metrics(m, comm, device))
     };
     let result = std::thread::scope(|scope| -> anyhow::Result<()> {
         let mut pending: Option<std::thread::ScopedJoinHandle<anyhow::Result<TrainBatch>>> = None;
@@ -414,7 +413,7 @@ pub fn train<B: AutodiffBackend + HeadLossBackend>(
                 // One reduction per optimizer step: the gradients, the loss and the counts.
                 let counts = Tensor::<B::InnerBackend, 1>::from_floats(
                     [step_tokens as f32, step_predictions as f32],
-                    &inner_device,
+                    device,
                 );
                 let local = Tensor::cat(vec![step_loss.inner(), counts], 0);
                 let (grads, sums) = all_reduce_grads::<B, _>(

@@ -18,6 +18,7 @@ use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_collective::{AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation};
+use deepspec_core::model::to_host;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -195,23 +196,14 @@ impl<B: Backend> Comm<B> {
         let mut lens = vec![0f32; w];
         lens[r] = mine.len() as f32;
         let lens = self.all_reduce_sum(Tensor::from_floats(lens.as_slice(), &self.device))?;
-        let lens: Vec<usize> = lens
-            .into_data()
-            .to_vec::<f32>()
-            .map_err(|e| anyhow::anyhow!("reading gathered lengths: {e:?}"))?
-            .into_iter()
-            .map(|l| l as usize)
-            .collect();
+        let lens: Vec<usize> = to_host(lens).data.into_iter().map(|l| l as usize).collect();
         let width = lens.iter().copied().max().unwrap_or(0).max(1);
         let mut rows = vec![0f32; w * width];
         for (slot, &b) in rows[r * width..].iter_mut().zip(mine) {
             *slot = b as f32;
         }
         let rows = self.all_reduce_sum(Tensor::from_floats(rows.as_slice(), &self.device))?;
-        let rows = rows
-            .into_data()
-            .to_vec::<f32>()
-            .map_err(|e| anyhow::anyhow!("reading gathered bytes: {e:?}"))?;
+        let rows = to_host(rows).data;
         Ok(lens
             .iter()
             .enumerate()

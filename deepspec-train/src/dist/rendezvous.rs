@@ -416,7 +416,10 @@ mod tests {
         }
         // Rank 1 leaves without a bye (as if killed): rank 0 and rank 2 both learn it.
         let one = others.remove(0);
-        one.liveness.writers.lock().unwrap().clear();
+        // Its watcher thread holds a clone of the socket: shut the socket itself down.
+        for w in one.liveness.writers.lock().unwrap().drain(..).flatten() {
+            w.shutdown(std::net::Shutdown::Both).unwrap();
+        }
         drop(one);
         let wait = |l: &Liveness| {
             let start = Instant::now();
