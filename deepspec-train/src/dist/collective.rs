@@ -14,7 +14,7 @@
 
 use super::rendezvous::{rendezvous, Liveness};
 use super::{DistSettings, World};
-use anyhow::{bail, Context};
+use anyhow::bail;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_collective::{AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation};
@@ -160,13 +160,8 @@ impl<B: Backend> Comm<B> {
         let start = Instant::now();
         loop {
             match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(result) => {
-                    if let Err(e) = &result {
-                        self.liveness
-                            .fail(format!("rank {}: {e:#}", self.world.rank));
-                    }
-                    return result.with_context(|| format!("rank {}", self.world.rank));
-                }
+                Ok(Ok(sum)) => return Ok(sum),
+                Ok(Err(e)) => return Err(self.explain(e)),
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     bail!("rank {}: the collective's thread died", self.world.rank)
                 }
@@ -214,6 +209,25 @@ impl<B: Backend> Comm<B> {
                     .collect()
             })
             .collect())
+    }
+
+    /// A failed collective usually means a peer died: burn-collective can see the lost
+    /// data connection before the rendezvous watcher sees the closed control connection.
+    /// Wait briefly for the watcher, whose reason names the rank; else say what failed.
+    fn explain(&self, e: anyhow::Error) -> anyhow::Error {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            if let Err(gone) = self.liveness.check() {
+                return gone;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let reason = format!(
+            "rank {}: {e:#}; a peer's connection dropped (a rank died or the network failed), every rank stops. Checkpoints on disk are whole: start all ranks again with --resume",
+            self.world.rank
+        );
+        self.liveness.fail(reason.clone());
+        anyhow::anyhow!("{reason}")
     }
 
     /// Stop waiting for the run's end: connections closing from now on are not errors.
