@@ -58,21 +58,21 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
 
 /// A base port with it and the next five free (rendezvous, orchestrator, two tensor
 /// servers for each of two ranks).
+/// A base of six free ports below the kernel's ephemeral range (32768 and up here): a
+/// port in that range can be taken at any moment as the local end of some connection,
+/// which is what made the runs here fail now and then.
 fn free_ports() -> u16 {
-    for _ in 0..100 {
-        let base = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if base > 65000 {
-            continue;
-        }
-        if (0..6).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let spread = (std::process::id() % 500) as u16 * 16;
+    for _ in 0..500 {
+        let step = NEXT.fetch_add(8, Ordering::SeqCst);
+        let base = 20000 + (spread + step) % 12000;
+        if (0..6).all(|i| TcpListener::bind(("0.0.0.0", base + i)).is_ok()) {
             return base;
         }
     }
-    panic!("no six free ports in a row");
+    panic!("no six free ports in a row below 32000");
 }
 
 fn train_args<'a>(

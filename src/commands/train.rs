@@ -57,7 +57,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N")]
     pub nproc_per_node: Option<usize>,
     /// The rendezvous port for --nproc-per-node (rank 0 listens on 127.0.0.1 there; the
-    /// collective uses the next 1 + N ports) [default: MASTER_PORT, else 29500].
+    /// collective uses the next 1 + 2N ports; keep them below the ephemeral range, 32768
+    /// on most Linux hosts) [default: MASTER_PORT, else 29500].
     #[arg(long, value_name = "PORT", requires = "nproc_per_node")]
     pub master_port: Option<u16>,
     /// Memory of one device for the plan and the pre-flight check (default: what the device

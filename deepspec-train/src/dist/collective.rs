@@ -27,7 +27,14 @@ enum Engine {
     Solo,
     /// burn-collective's global mode: one local device per process, one "node" per rank;
     /// collectives alternate between the two configurations (tensor server ports).
-    Burn(Box<[CollectiveConfig; 2]>),
+    Burn(Box<Burn>),
+}
+
+struct Burn {
+    configs: [CollectiveConfig; 2],
+    /// This rank's two tensor server ports, and every other rank's `host:port` pairs.
+    own: [u16; 2],
+    others: Vec<[String; 2]>,
 }
 
 /// This rank's handle on the others.
@@ -48,9 +55,15 @@ pub struct Comm<B: Backend> {
 /// one may still hold its port; alternating two ports leaves a whole collective for it
 /// to close (measured: with one port, about one 40-step run in three failed to connect).
 pub fn ports(world: &World) -> (u16, [u16; 2]) {
-    let base = world.master_port;
-    let first = base.wrapping_add(2 + 2 * world.local_rank as u16);
-    (base.wrapping_add(1), [first, first.wrapping_add(1)])
+    (
+        world.master_port.wrapping_add(1),
+        data_ports(world.master_port, world.local_rank),
+    )
+}
+
+fn data_ports(master_port: u16, local_rank: usize) -> [u16; 2] {
+    let first = master_port.wrapping_add(2 + 2 * local_rank as u16);
+    [first, first.wrapping_add(1)]
 }
 
 impl<B: Backend> Comm<B> {
@@ -82,7 +95,10 @@ impl<B: Backend> Comm<B> {
             });
         }
         quiet_collective_logs();
-        let (orchestrator, data_ports) = ports(world);
+        if world.local_rank == 0 {
+            warn_if_ephemeral(world.master_port);
+        }
+        let (orchestrator, own) = ports(world);
         let master = world.master_addr.clone();
         let peers = rendezvous(world, job, settings.timeout, || {
             start_orchestrator(&master, orchestrator, settings.timeout)?;
@@ -106,10 +122,21 @@ impl<B: Backend> Comm<B> {
                 // panics.
                 .with_global_all_reduce_strategy(AllReduceStrategy::Tree(2)))
         };
-        let configs = [config(data_ports[0])?, config(data_ports[1])?];
+        let configs = [config(own[0])?, config(own[1])?];
+        let others = (0..world.world_size)
+            .filter(|&r| r != world.rank)
+            .map(|r| {
+                data_ports(world.master_port, peers.local_ranks[r])
+                    .map(|port| format!("{}:{port}", peers.hosts[r]))
+            })
+            .collect();
         Ok(Comm {
             world: world.clone(),
-            engine: Engine::Burn(Box::new(configs)),
+            engine: Engine::Burn(Box::new(Burn {
+                configs,
+                own,
+                others,
+            })),
             liveness: peers.liveness,
             timeout: settings.timeout,
             device: device.clone(),
@@ -128,11 +155,13 @@ impl<B: Backend> Comm<B> {
     /// Element-wise sum of `tensor` over every rank, returned to every rank. Fails (on
     /// every rank) when a rank is gone or the others do not arrive within the timeout.
     pub fn all_reduce_sum(&self, tensor: Tensor<B, 1>) -> anyhow::Result<Tensor<B, 1>> {
-        let config = match &self.engine {
+        let (config, own, others) = match &self.engine {
             Engine::Solo => return Ok(tensor),
-            Engine::Burn(configs) => {
+            Engine::Burn(burn) => {
                 let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                configs[(call % 2) as usize].clone()
+                let i = (call % 2) as usize;
+                let others: Vec<String> = burn.others.iter().map(|o| o[i].clone()).collect();
+                (burn.configs[i].clone(), burn.own[i], others)
             }
         };
         self.liveness.check()?;
@@ -144,8 +173,17 @@ impl<B: Backend> Comm<B> {
                 let fail = |what: &str, e: burn_collective::CollectiveError| {
                     anyhow::anyhow!("burn-collective {what}: {e:?}")
                 };
+                // burn-collective neither waits for its last tensor server to let go of
+                // the port nor for the others' new servers to listen (a refused
+                // connection panics it), so this does both: every rank's old server is
+                // gone before it registers, hence a listening port after registration is
+                // the new server.
+                port_released(own)?;
                 burn_collective::register::<B>(peer, device, config)
                     .map_err(|e| fail("register", e))?;
+                for other in &others {
+                    listening(other)?;
+                }
                 let sum = burn_collective::all_reduce::<B>(
                     peer,
                     tensor.into_primitive().tensor(),
@@ -236,6 +274,62 @@ impl<B: Backend> Comm<B> {
     }
 }
 
+/// The kernel hands out ports of its ephemeral range as the local ends of outgoing
+/// connections, so a run's ports there can be taken at any moment (measured: runs on
+/// such ports failed now and then, on ports below it never).
+fn warn_if_ephemeral(master_port: u16) {
+    let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let mut bounds = range
+        .split_whitespace()
+        .filter_map(|b| b.parse::<u32>().ok());
+    let (Some(low), Some(high)) = (bounds.next(), bounds.next()) else {
+        return;
+    };
+    let (first, last) = (master_port as u32, master_port as u32 + 17);
+    if first <= high && last >= low {
+        eprintln!(
+            "warning: MASTER_PORT {master_port} and the ports after it lie in this host's ephemeral port range {low}-{high}, where outgoing connections may take them mid-run; choose a port below {low} (torchrun's default is 29500)"
+        );
+    }
+}
+
+/// Waits until this rank's tensor server `port` can be bound again (its last server
+/// closed).
+fn port_released(port: u16) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        match std::net::TcpListener::bind(("0.0.0.0", port)) {
+            Ok(_) => return Ok(()),
+            Err(e) if start.elapsed() > Duration::from_secs(10) => bail!(
+                "port {port} (a tensor server port, MASTER_PORT + 2 + 2 LOCAL_RANK or the next) stayed busy for 10 s: {e}; another program holds it, so pick another MASTER_PORT (or --master-port)"
+            ),
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+/// Waits until another rank's tensor server at `addr` accepts connections.
+fn listening(addr: &str) -> anyhow::Result<()> {
+    use std::net::ToSocketAddrs;
+    let start = Instant::now();
+    let target = addr
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| anyhow::anyhow!("tensor server address {addr} does not resolve"))?;
+    loop {
+        match std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+            Ok(_) => return Ok(()),
+            Err(e) if start.elapsed() > Duration::from_secs(10) => {
+                bail!("the tensor server of another rank at {addr} did not listen within 10 s: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
 /// burn-communication installs a tracing subscriber printing every connection at INFO
 /// unless one is installed already: install a silent one first (deepspec logs nothing
 /// through `tracing`).
@@ -245,6 +339,10 @@ fn quiet_collective_logs() {
 
 /// Starts burn-collective's orchestrator on rank 0 and waits until it accepts connections.
 fn start_orchestrator(host: &str, port: u16, timeout: Duration) -> anyhow::Result<()> {
+    // It would return at once on a port in use, which reads like the signal below.
+    if let Err(e) = std::net::TcpListener::bind(("0.0.0.0", port)) {
+        bail!("rank 0: the collective orchestrator's port {port} (MASTER_PORT + 1) is in use: {e}; choose another MASTER_PORT (or --master-port)");
+    }
     std::thread::Builder::new()
         .name("collective-orchestrator".into())
         .spawn(move || {

@@ -21,11 +21,13 @@ use std::time::{Duration, Instant};
 enum Message {
     Hello {
         rank: usize,
+        local_rank: usize,
         world: usize,
         job: String,
     },
     Welcome {
         hosts: Vec<String>,
+        local_ranks: Vec<usize>,
         payload: Vec<u8>,
     },
     Refused {
@@ -120,6 +122,8 @@ impl Liveness {
 pub struct Peers {
     /// Each rank's host, as rank 0's listener saw its connection (rank 0: `MASTER_ADDR`).
     pub hosts: Vec<String>,
+    /// Each rank's `LOCAL_RANK` (which ports it serves on its host).
+    pub local_ranks: Vec<usize>,
     /// What rank 0's `prepare` returned.
     pub payload: Vec<u8>,
     pub liveness: Liveness,
@@ -142,6 +146,7 @@ pub fn rendezvous(
     if world.world_size == 1 {
         return Ok(Peers {
             hosts: vec![world.master_addr.clone()],
+            local_ranks: vec![world.local_rank],
             payload: prepare()?,
             liveness: Liveness::default(),
         });
@@ -168,7 +173,7 @@ fn serve(
     listener.set_nonblocking(true)?;
     let deadline = Instant::now() + timeout;
     let n = world.world_size;
-    let mut joined: Vec<Option<(TcpStream, String)>> = (0..n).map(|_| None).collect();
+    let mut joined: Vec<Option<(TcpStream, String, usize)>> = (0..n).map(|_| None).collect();
     while joined.iter().skip(1).any(Option::is_none) {
         let (stream, addr) = match listener.accept() {
             Ok(c) => c,
@@ -201,8 +206,13 @@ fn serve(
         let mut stream = stream;
         let hello = receive(&mut reader)
             .with_context(|| format!("rendezvous on {at}: reading the hello of {addr}"))?;
-        let (rank, size, theirs) = match hello {
-            Some(Message::Hello { rank, world, job }) => (rank, world, job),
+        let (rank, local_rank, size, theirs) = match hello {
+            Some(Message::Hello {
+                rank,
+                local_rank,
+                world,
+                job,
+            }) => (rank, local_rank, world, job),
             other => bail!("rendezvous on {at}: {addr} sent {other:?} instead of a hello (is another program using MASTER_PORT?)"),
         };
         let refuse = |stream: &mut TcpStream, reason: String| -> anyhow::Error {
@@ -227,7 +237,7 @@ fn serve(
         if rank == 0 || rank >= n || joined[rank].is_some() {
             return Err(refuse(&mut stream, format!("rank {rank} at {addr} joined twice or is out of range 1..{n}: give every process its own RANK")));
         }
-        joined[rank] = Some((stream, addr.ip().to_string()));
+        joined[rank] = Some((stream, addr.ip().to_string(), local_rank));
     }
     let payload = prepare()?;
     let mut hosts = vec![world.master_addr.clone()];
@@ -237,8 +247,11 @@ fn serve(
             .skip(1)
             .map(|j| j.as_ref().expect("joined").1.clone()),
     );
+    let mut local_ranks = vec![world.local_rank];
+    local_ranks.extend(joined.iter().skip(1).map(|j| j.as_ref().expect("joined").2));
     let welcome = Message::Welcome {
         hosts: hosts.clone(),
+        local_ranks: local_ranks.clone(),
         payload: payload.clone(),
     };
     let liveness = Liveness {
@@ -247,7 +260,7 @@ fn serve(
     };
     let mut writers = Vec::new();
     for (rank, entry) in joined.into_iter().enumerate().skip(1) {
-        let (mut stream, host) = entry.expect("joined");
+        let (mut stream, host, _) = entry.expect("joined");
         send(&mut stream, &welcome)
             .with_context(|| format!("rendezvous on {at}: welcoming rank {rank} at {host}"))?;
         stream.set_read_timeout(None)?;
@@ -259,6 +272,7 @@ fn serve(
     *liveness.writers.lock().expect("liveness lock") = writers;
     Ok(Peers {
         hosts,
+        local_ranks,
         payload,
         liveness,
     })
@@ -321,6 +335,7 @@ fn join(world: &World, job: &str, timeout: Duration) -> anyhow::Result<Peers> {
         &mut stream,
         &Message::Hello {
             rank,
+            local_rank: world.local_rank,
             world: world.world_size,
             job: job.to_string(),
         },
@@ -332,10 +347,14 @@ fn join(world: &World, job: &str, timeout: Duration) -> anyhow::Result<Peers> {
             .max(Duration::from_secs(1)),
     ))?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    let (hosts, payload) = match receive(&mut reader)
+    let (hosts, local_ranks, payload) = match receive(&mut reader)
         .with_context(|| format!("rank {rank}: waiting for rank 0 at {at} to welcome every rank"))?
     {
-        Some(Message::Welcome { hosts, payload }) => (hosts, payload),
+        Some(Message::Welcome {
+            hosts,
+            local_ranks,
+            payload,
+        }) => (hosts, local_ranks, payload),
         Some(Message::Refused { reason }) => {
             bail!("rank {rank}: rank 0 refused this rank: {reason}")
         }
@@ -365,6 +384,7 @@ fn join(world: &World, job: &str, timeout: Duration) -> anyhow::Result<Peers> {
     });
     Ok(Peers {
         hosts,
+        local_ranks,
         payload,
         liveness,
     })
