@@ -191,6 +191,8 @@ fn two_ranks_train_what_one_rank_trains() {
     // One summary line, from rank 0.
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stdout.matches("trained 4 steps").count(), 1, "{stdout}");
+    // burn-collective's line per collective stays out of the launcher's stdout.
+    assert!(!stdout.contains("Connecting to"), "{stdout}");
     let worst = max_relative_difference(&one, &two);
     assert!(worst <= 1e-6, "parameters differ by {worst:e} (relative)");
     let (a, b) = (losses(&one), losses(&two));
@@ -357,4 +359,53 @@ fn rendezvous_errors_name_what_is_wrong() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(e.contains("local_batch_size × ranks (1 × 3)"), "{e}");
+}
+
+/// The CPU form of the one-rank check docs/distributed.md gives for NCCL: naming the
+/// engine runs the whole path (rendezvous, buckets in module order, the all-reduce,
+/// splitting back) in a world of one, which must train exactly what a plain run trains;
+/// an unknown engine is refused by name.
+#[test]
+fn a_named_engine_in_a_world_of_one_trains_what_a_plain_run_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let (recipe, cache) = setup(dir.path());
+    let plain = dir.path().join("plain");
+    ok(deepspec(&train_args(&recipe, &cache, &plain, &[]), &[])
+        .output()
+        .unwrap());
+    let named = dir.path().join("named");
+    let port = free_ports().to_string();
+    let env = [
+        ("DEEPSPEC_DIST_ENGINE", "burn-collective".to_string()),
+        ("RANK", "0".into()),
+        ("WORLD_SIZE", "1".into()),
+        ("MASTER_PORT", port),
+    ];
+    ok(deepspec(&train_args(&recipe, &cache, &named, &[]), &env)
+        .output()
+        .unwrap());
+    assert_eq!(max_relative_difference(&plain, &named), 0.0);
+    assert_eq!(losses(&plain), losses(&named));
+
+    let out = deepspec(
+        &train_args(&recipe, &cache, &dir.path().join("bad"), &[]),
+        &[("DEEPSPEC_DIST_ENGINE", "mpi".to_string())],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("DEEPSPEC_DIST_ENGINE=mpi") && stderr.contains("burn-collective"),
+        "{stderr}"
+    );
+    let out = deepspec(
+        &train_args(&recipe, &cache, &dir.path().join("cpu-nccl"), &[]),
+        &[("DEEPSPEC_DIST_ENGINE", "nccl".to_string())],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("needs a CUDA device"), "{stderr}");
 }

@@ -151,16 +151,20 @@ fn spawn_ranks(n: usize, port: Option<u16>) -> anyhow::Result<()> {
         }
     }
     let mut children = Vec::new();
+    let mut forwarders = Vec::new();
     for rank in 0..n {
-        let child = std::process::Command::new(&exe)
+        let mut child = std::process::Command::new(&exe)
             .args(&args)
             .env("RANK", rank.to_string())
             .env("LOCAL_RANK", rank.to_string())
             .env("WORLD_SIZE", n.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .with_context(|| format!("starting rank {rank} ({})", exe.display()))?;
+        let out = child.stdout.take().expect("piped stdout");
+        forwarders.push(std::thread::spawn(move || forward_stdout(out)));
         children.push(Some(child));
     }
     let mut failed: Option<String> = None;
@@ -176,9 +180,26 @@ fn spawn_ranks(n: usize, port: Option<u16>) -> anyhow::Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    for f in forwarders {
+        f.join().ok();
+    }
     match failed {
         Some(why) => anyhow::bail!("{why}; its error is above"),
         None => Ok(()),
+    }
+}
+
+/// Copies a rank's stdout to ours, less the line burn-collective 0.21 prints for every
+/// collective it joins (`Connecting to ws://…`).
+fn forward_stdout(out: std::process::ChildStdout) {
+    use std::io::{BufRead, Write};
+    for line in std::io::BufReader::new(out).lines() {
+        let Ok(line) = line else { return };
+        if line.starts_with("Connecting to ws://") {
+            continue;
+        }
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{line}").ok();
     }
 }
 

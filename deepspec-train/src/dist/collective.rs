@@ -28,6 +28,23 @@ enum Engine {
     /// burn-collective's global mode: one local device per process, one "node" per rank;
     /// collectives alternate between the two configurations (tensor server ports).
     Burn(Box<Burn>),
+    /// NCCL on burn-cuda tensors, one GPU per process (`super::nccl`).
+    #[cfg(feature = "cuda")]
+    Nccl(Box<super::nccl::Nccl>),
+}
+
+/// Which engine a run uses: `DEEPSPEC_DIST_ENGINE` = `auto` (NCCL on CUDA,
+/// burn-collective elsewhere), `nccl` or `burn-collective`. Naming one also runs it in a
+/// world of one, which checks the whole path on a single device.
+fn engine_choice() -> anyhow::Result<Option<&'static str>> {
+    match std::env::var("DEEPSPEC_DIST_ENGINE").ok().as_deref() {
+        None | Some("") | Some("auto") => Ok(None),
+        Some("nccl") => Ok(Some("nccl")),
+        Some("burn-collective") => Ok(Some("burn-collective")),
+        Some(other) => {
+            bail!("DEEPSPEC_DIST_ENGINE={other}: expected auto, nccl or burn-collective")
+        }
+    }
 }
 
 struct Burn {
@@ -88,11 +105,37 @@ impl<B: Backend> Comm<B> {
         settings: &DistSettings,
         device: &B::Device,
     ) -> anyhow::Result<Self> {
-        if world.world_size == 1 {
+        let forced = engine_choice()?;
+        if world.world_size == 1 && forced.is_none() {
             return Ok(Comm {
                 world: world.clone(),
                 ..Comm::solo(device)
             });
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = super::nccl::cuda_device::<B>(device) {
+            if forced != Some("burn-collective") {
+                let peers = rendezvous(world, job, settings.timeout, super::nccl::unique_id)?;
+                let nccl = super::nccl::Nccl::join(
+                    &peers.payload,
+                    world.rank,
+                    world.world_size,
+                    &gpu,
+                    settings.timeout,
+                    peers.liveness.clone(),
+                )?;
+                return Ok(Comm {
+                    world: world.clone(),
+                    engine: Engine::Nccl(Box::new(nccl)),
+                    liveness: peers.liveness,
+                    timeout: settings.timeout,
+                    device: device.clone(),
+                    calls: Default::default(),
+                });
+            }
+        }
+        if forced == Some("nccl") {
+            bail!("DEEPSPEC_DIST_ENGINE=nccl needs a CUDA device (a build with --features cuda and a run with --device cuda)");
         }
         quiet_collective_logs();
         if world.local_rank == 0 {
@@ -148,6 +191,11 @@ impl<B: Backend> Comm<B> {
         self.world.rank
     }
 
+    /// One rank and no collective engine: sums are the values themselves.
+    pub fn is_solo(&self) -> bool {
+        matches!(self.engine, Engine::Solo)
+    }
+
     pub fn world_size(&self) -> usize {
         self.world.world_size
     }
@@ -155,19 +203,27 @@ impl<B: Backend> Comm<B> {
     /// Element-wise sum of `tensor` over every rank, returned to every rank. Fails (on
     /// every rank) when a rank is gone or the others do not arrive within the timeout.
     pub fn all_reduce_sum(&self, tensor: Tensor<B, 1>) -> anyhow::Result<Tensor<B, 1>> {
-        let (config, own, others) = match &self.engine {
+        let (config, own, others, call) = match &self.engine {
             Engine::Solo => return Ok(tensor),
+            #[cfg(feature = "cuda")]
+            Engine::Nccl(nccl) => {
+                self.liveness.check()?;
+                return nccl.all_reduce_sum(tensor);
+            }
             Engine::Burn(burn) => {
                 let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let i = (call % 2) as usize;
                 let others: Vec<String> = burn.others.iter().map(|o| o[i].clone()).collect();
-                (burn.configs[i].clone(), burn.own[i], others)
+                (burn.configs[i].clone(), burn.own[i], others, call)
             }
         };
         self.liveness.check()?;
         let peer = PeerId(self.world.rank as u32);
         let device = self.device.clone();
         let (tx, rx) = mpsc::channel();
+        let phase = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let at = phase.clone();
+        let step = move |p: usize| at.store(p, std::sync::atomic::Ordering::SeqCst);
         std::thread::spawn(move || {
             let run = || -> anyhow::Result<Tensor<B, 1>> {
                 let fail = |what: &str, e: burn_collective::CollectiveError| {
@@ -179,17 +235,21 @@ impl<B: Backend> Comm<B> {
                 // gone before it registers, hence a listening port after registration is
                 // the new server.
                 port_released(own)?;
+                step(1);
                 burn_collective::register::<B>(peer, device, config)
                     .map_err(|e| fail("register", e))?;
+                step(2);
                 for other in &others {
                     listening(other)?;
                 }
+                step(3);
                 let sum = burn_collective::all_reduce::<B>(
                     peer,
                     tensor.into_primitive().tensor(),
                     ReduceOperation::Sum,
                 )
                 .map_err(|e| fail("all-reduce", e))?;
+                step(4);
                 burn_collective::finish_collective::<B>(peer).map_err(|e| fail("finish", e))?;
                 Ok(Tensor::from_primitive(TensorPrimitive::Float(sum)))
             };
@@ -198,7 +258,15 @@ impl<B: Backend> Comm<B> {
         let start = Instant::now();
         loop {
             match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(Ok(sum)) => return Ok(sum),
+                Ok(Ok(sum)) => {
+                    // Nobody registers for the next collective before every rank has
+                    // finished this one: burn-collective's orchestrator counts a rank
+                    // still registered for the last one as registered for the next and
+                    // answers early with that rank's old address.
+                    self.liveness
+                        .barrier(call + 1, self.world.world_size, self.timeout)?;
+                    return Ok(sum);
+                }
                 Ok(Err(e)) => return Err(self.explain(e)),
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     bail!("rank {}: the collective's thread died", self.world.rank)
@@ -206,10 +274,19 @@ impl<B: Backend> Comm<B> {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.liveness.check()?;
                     if start.elapsed() > self.timeout {
+                        const PHASES: [&str; 5] = [
+                            "waiting for its tensor port",
+                            "registering",
+                            "waiting for the others' tensor servers",
+                            "the all-reduce",
+                            "finishing",
+                        ];
+                        let at = phase.load(std::sync::atomic::Ordering::SeqCst);
                         let reason = format!(
-                            "rank {}: an all-reduce waited {} s for the other ranks (one is stuck or too slow: raise train.dist_timeout_s if steps are that long)",
+                            "rank {}: collective {call} waited {} s for the other ranks, stuck in burn-collective's {} (one rank is stuck or too slow: raise train.dist_timeout_s if steps are that long)",
                             self.world.rank,
-                            self.timeout.as_secs()
+                            self.timeout.as_secs(),
+                            PHASES[at.min(4)]
                         );
                         self.liveness.fail(reason.clone());
                         bail!("{reason}");

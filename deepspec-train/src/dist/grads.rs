@@ -78,7 +78,7 @@ pub fn all_reduce_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     comm: &Comm<B::InnerBackend>,
     settings: &DistSettings,
 ) -> anyhow::Result<(GradientsParams, Tensor<B::InnerBackend, 1>)> {
-    if comm.world_size() == 1 {
+    if comm.is_solo() {
         return Ok((grads, extras));
     }
     let mut layout = Layout(Vec::new());

@@ -5,6 +5,8 @@
 
 pub mod collective;
 pub mod grads;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod rendezvous;
 
 use anyhow::{bail, Context};

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -40,6 +40,14 @@ enum Message {
     /// A rank that finished cleanly.
     Bye {
         rank: usize,
+    },
+    /// A rank to rank 0: my first `count` collectives are over.
+    Done {
+        count: u64,
+    },
+    /// Rank 0 to the others: every rank's first `count` collectives are over.
+    Go {
+        count: u64,
     },
 }
 
@@ -69,6 +77,9 @@ pub struct Liveness {
     /// Rank 0: a writer per other rank (`None` once it said bye). Others: rank 0's.
     writers: Arc<Mutex<Vec<Option<TcpStream>>>>,
     rank: usize,
+    /// Barrier counts: rank 0 holds each rank's `Done` (index = rank), the others rank
+    /// 0's `Go` (index 0); woken on every change and on a failure.
+    counts: Arc<(Mutex<Vec<u64>>, Condvar)>,
 }
 
 impl Liveness {
@@ -78,6 +89,65 @@ impl Liveness {
             Some(reason) => bail!("{reason}"),
             None => Ok(()),
         }
+    }
+
+    /// Returns once every rank has finished its first `count` collectives (rank 0 collects
+    /// the others' word and then tells them), or with an error once a rank is gone or
+    /// `timeout` passes. A world of one returns at once.
+    pub fn barrier(&self, count: u64, world_size: usize, timeout: Duration) -> anyhow::Result<()> {
+        if world_size == 1 {
+            return Ok(());
+        }
+        if self.rank != 0 {
+            let mut writers = self.writers.lock().expect("liveness lock");
+            if let Some(w) = writers.get_mut(0).and_then(Option::as_mut) {
+                send(w, &Message::Done { count }).with_context(|| {
+                    format!("rank {}: telling rank 0 a collective is over", self.rank)
+                })?;
+            }
+        }
+        let ready = |counts: &[u64]| match self.rank {
+            0 => counts.len() >= world_size && counts[1..world_size].iter().all(|&c| c >= count),
+            _ => counts.first().is_some_and(|&c| c >= count),
+        };
+        let start = Instant::now();
+        let (lock, changed) = &*self.counts;
+        let mut counts = lock.lock().expect("barrier lock");
+        while !ready(&counts) {
+            self.check()?;
+            if start.elapsed() > timeout {
+                let reason = format!(
+                    "rank {}: waited {} s for the other ranks to finish a collective (one is stuck or too slow: raise train.dist_timeout_s if steps are that long)",
+                    self.rank,
+                    timeout.as_secs()
+                );
+                self.fail(reason.clone());
+                bail!("{reason}");
+            }
+            counts = changed
+                .wait_timeout(counts, Duration::from_millis(50))
+                .expect("barrier lock")
+                .0;
+        }
+        drop(counts);
+        if self.rank == 0 {
+            let mut writers = self.writers.lock().expect("liveness lock");
+            for w in writers.iter_mut().flatten() {
+                send(w, &Message::Go { count }).context("rank 0: telling the ranks to go on")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a barrier count (`slot`: the sending rank on rank 0, 0 elsewhere).
+    fn count(&self, slot: usize, count: u64) {
+        let (lock, changed) = &*self.counts;
+        let mut counts = lock.lock().expect("barrier lock");
+        if counts.len() <= slot {
+            counts.resize(slot + 1, 0);
+        }
+        counts[slot] = counts[slot].max(count);
+        changed.notify_all();
     }
 
     /// Records the first reason to stop; rank 0 passes it on to every other rank.
@@ -91,6 +161,7 @@ impl Liveness {
         }
         *abort = Some(reason.clone());
         drop(abort);
+        self.counts.1.notify_all();
         if self.rank == 0 {
             let mut writers = self.writers.lock().expect("liveness lock");
             for w in writers.iter_mut().flatten() {
@@ -295,6 +366,7 @@ fn watch_rank(
                 }
                 return;
             }
+            Ok(Some(Message::Done { count })) => live.count(rank, count),
             Ok(Some(_)) => continue,
             Ok(None) | Err(_) => {
                 live.fail(format!(
@@ -373,6 +445,7 @@ fn join(world: &World, job: &str, timeout: Duration) -> anyhow::Result<Peers> {
                 watch.fail(format!("rank 0 stopped the run: {reason}"));
                 return;
             }
+            Ok(Some(Message::Go { count })) => watch.count(0, count),
             Ok(Some(_)) => continue,
             Ok(None) | Err(_) => {
                 watch.fail(
