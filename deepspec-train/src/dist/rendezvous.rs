@@ -531,6 +531,50 @@ mod tests {
     }
 
     #[test]
+    fn the_barrier_waits_for_every_rank_and_fails_on_a_dead_one() {
+        let port = free_port();
+        let t = Duration::from_secs(10);
+        let join = |rank: usize| {
+            std::thread::spawn(move || {
+                rendezvous(&world(rank, 3, port), "job", t, || unreachable!())
+            })
+        };
+        let (one, two) = (join(1), join(2));
+        let zero = rendezvous(&world(0, 3, port), "job", t, || Ok(vec![])).unwrap();
+        let (one, two) = (one.join().unwrap().unwrap(), two.join().unwrap().unwrap());
+        // Rank 2 arrives 300 ms late: nobody leaves the barrier before it.
+        let start = Instant::now();
+        let late = {
+            let l = two.liveness.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                l.barrier(1, 3, t)
+            })
+        };
+        let first = {
+            let l = one.liveness.clone();
+            std::thread::spawn(move || l.barrier(1, 3, t).map(|_| start.elapsed()))
+        };
+        zero.liveness.barrier(1, 3, t).unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        assert!(first.join().unwrap().unwrap() >= Duration::from_millis(300));
+        late.join().unwrap().unwrap();
+        // A second round, then rank 2 dies: the others' barrier fails naming it.
+        let l = one.liveness.clone();
+        let waiting = std::thread::spawn(move || l.barrier(2, 3, t));
+        std::thread::sleep(Duration::from_millis(100));
+        // As if killed (its watcher holds a clone of the socket: shut the socket down).
+        for w in two.liveness.writers.lock().unwrap().drain(..).flatten() {
+            w.shutdown(std::net::Shutdown::Both).unwrap();
+        }
+        drop(two);
+        let e = zero.liveness.barrier(2, 3, t).unwrap_err().to_string();
+        assert!(e.contains("rank 2 of 3"), "{e}");
+        let e = waiting.join().unwrap().unwrap_err().to_string();
+        assert!(e.contains("rank 2 of 3"), "{e}");
+    }
+
+    #[test]
     fn a_clean_finish_is_not_an_error_and_missing_ranks_are_named() {
         let port = free_port();
         let t = Duration::from_secs(10);
