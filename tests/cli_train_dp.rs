@@ -204,11 +204,15 @@ fn two_ranks_train_what_one_rank_trains() {
 fn a_killed_rank_stops_the_other_and_the_run_resumes_bit_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let (recipe, cache) = setup(dir.path());
+    // Few collectives (16 steps, metrics every 8): burn-collective 0.21 hangs on about
+    // one collective in ten thousand (docs/distributed.md, "A rare hang").
     let long = [
         "--set",
-        "train.max_train_steps=40",
+        "train.max_train_steps=16",
         "--set",
         "logging.checkpointing_steps=1",
+        "--set",
+        "logging.logging_steps=8",
     ];
     let whole = dir.path().join("whole");
     let port = free_ports().to_string();
@@ -253,7 +257,7 @@ fn a_killed_rank_stops_the_other_and_the_run_resumes_bit_exactly() {
     let latest = std::fs::read_link(parts.join("step_latest")).unwrap();
     assert_ne!(
         latest,
-        PathBuf::from("step_40"),
+        PathBuf::from("step_16"),
         "the run finished before the kill"
     );
 
