@@ -23,7 +23,7 @@ fn deepspec(args: &[&str], env: &[(&str, String)]) -> Command {
 fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     let golden = golden_dir();
     let cache = dir.join("cache");
-    let out = deepspec(
+    ok(deepspec(
         &[
             "cache",
             "import-deepspec",
@@ -31,14 +31,7 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
             cache.to_str().unwrap(),
         ],
         &[],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
     let recipe = dir.join("golden-dspark.toml");
     std::fs::write(
         &recipe,
@@ -94,7 +87,9 @@ fn train_args<'a>(
     args
 }
 
-fn ok(out: Output) -> Output {
+/// Runs `command`, which must succeed; its output.
+fn ok(mut command: Command) -> Output {
+    let out = command.output().unwrap();
     assert!(
         out.status.success(),
         "stdout:\n{}\nstderr:\n{}",
@@ -170,9 +165,7 @@ fn two_ranks_train_what_one_rank_trains() {
     let dir = tempfile::tempdir().unwrap();
     let (recipe, cache) = setup(dir.path());
     let one = dir.path().join("one");
-    ok(deepspec(&train_args(&recipe, &cache, &one, &[]), &[])
-        .output()
-        .unwrap());
+    ok(deepspec(&train_args(&recipe, &cache, &one, &[]), &[]));
     let two = dir.path().join("two");
     let port = free_ports().to_string();
     let out = ok(deepspec(
@@ -183,9 +176,7 @@ fn two_ranks_train_what_one_rank_trains() {
             &["--nproc-per-node", "2", "--master-port", &port],
         ),
         &[],
-    )
-    .output()
-    .unwrap());
+    ));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("on 2 ranks"), "{stderr}");
     // One summary line, from rank 0.
@@ -218,9 +209,7 @@ fn a_killed_rank_stops_the_other_and_the_run_resumes_bit_exactly() {
     let port = free_ports().to_string();
     let mut spawn = long.to_vec();
     spawn.extend(["--nproc-per-node", "2", "--master-port", &port]);
-    ok(deepspec(&train_args(&recipe, &cache, &whole, &spawn), &[])
-        .output()
-        .unwrap());
+    ok(deepspec(&train_args(&recipe, &cache, &whole, &spawn), &[]));
 
     let parts = dir.path().join("parts");
     let port = free_ports();
@@ -264,9 +253,7 @@ fn a_killed_rank_stops_the_other_and_the_run_resumes_bit_exactly() {
     let port = free_ports().to_string();
     let mut resume = long.to_vec();
     resume.extend(["--nproc-per-node", "2", "--master-port", &port, "--resume"]);
-    ok(deepspec(&train_args(&recipe, &cache, &parts, &resume), &[])
-        .output()
-        .unwrap());
+    ok(deepspec(&train_args(&recipe, &cache, &parts, &resume), &[]));
     let a = std::fs::read(whole.join("step_latest/model.safetensors")).unwrap();
     let b = std::fs::read(parts.join("step_latest/model.safetensors")).unwrap();
     assert!(
@@ -280,9 +267,7 @@ fn a_two_rank_checkpoint_continues_on_one_rank() {
     let dir = tempfile::tempdir().unwrap();
     let (recipe, cache) = setup(dir.path());
     let one = dir.path().join("one");
-    ok(deepspec(&train_args(&recipe, &cache, &one, &[]), &[])
-        .output()
-        .unwrap());
+    ok(deepspec(&train_args(&recipe, &cache, &one, &[]), &[]));
     let mixed = dir.path().join("mixed");
     let port = free_ports().to_string();
     ok(deepspec(
@@ -300,14 +285,11 @@ fn a_two_rank_checkpoint_continues_on_one_rank() {
             ],
         ),
         &[],
-    )
-    .output()
-    .unwrap());
-    ok(
-        deepspec(&train_args(&recipe, &cache, &mixed, &["--resume"]), &[])
-            .output()
-            .unwrap(),
-    );
+    ));
+    ok(deepspec(
+        &train_args(&recipe, &cache, &mixed, &["--resume"]),
+        &[],
+    ));
     let worst = max_relative_difference(&one, &mixed);
     assert!(worst <= 1e-6, "parameters differ by {worst:e} (relative)");
     assert_same_curve(&losses(&one), &losses(&mixed));
@@ -374,9 +356,7 @@ fn a_named_engine_in_a_world_of_one_trains_what_a_plain_run_trains() {
     let dir = tempfile::tempdir().unwrap();
     let (recipe, cache) = setup(dir.path());
     let plain = dir.path().join("plain");
-    ok(deepspec(&train_args(&recipe, &cache, &plain, &[]), &[])
-        .output()
-        .unwrap());
+    ok(deepspec(&train_args(&recipe, &cache, &plain, &[]), &[]));
     let named = dir.path().join("named");
     let port = free_ports().to_string();
     let env = [
@@ -385,9 +365,7 @@ fn a_named_engine_in_a_world_of_one_trains_what_a_plain_run_trains() {
         ("WORLD_SIZE", "1".into()),
         ("MASTER_PORT", port),
     ];
-    ok(deepspec(&train_args(&recipe, &cache, &named, &[]), &env)
-        .output()
-        .unwrap());
+    ok(deepspec(&train_args(&recipe, &cache, &named, &[]), &env));
     assert_eq!(max_relative_difference(&plain, &named), 0.0);
     assert_eq!(losses(&plain), losses(&named));
 

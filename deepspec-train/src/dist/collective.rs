@@ -255,44 +255,31 @@ impl<B: Backend> Comm<B> {
             };
             tx.send(run()).ok();
         });
-        let start = Instant::now();
-        loop {
-            match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(Ok(sum)) => {
-                    // Nobody registers for the next collective before every rank has
-                    // finished this one: burn-collective's orchestrator counts a rank
-                    // still registered for the last one as registered for the next and
-                    // answers early with that rank's old address.
-                    self.liveness
-                        .barrier(call + 1, self.world.world_size, self.timeout)?;
-                    return Ok(sum);
-                }
-                Ok(Err(e)) => return Err(self.explain(e)),
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    bail!("rank {}: the collective's thread died", self.world.rank)
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.liveness.check()?;
-                    if start.elapsed() > self.timeout {
-                        const PHASES: [&str; 5] = [
-                            "waiting for its tensor port",
-                            "registering",
-                            "waiting for the others' tensor servers",
-                            "the all-reduce",
-                            "finishing",
-                        ];
-                        let at = phase.load(std::sync::atomic::Ordering::SeqCst);
-                        let reason = format!(
-                            "rank {}: collective {call} waited {} s for the other ranks, stuck in burn-collective's {} (one rank is stuck or too slow: raise train.dist_timeout_s if steps are that long)",
-                            self.world.rank,
-                            self.timeout.as_secs(),
-                            PHASES[at.min(4)]
-                        );
-                        self.liveness.fail(reason.clone());
-                        bail!("{reason}");
-                    }
-                }
+        const PHASES: [&str; 5] = [
+            "waiting for its tensor port",
+            "registering",
+            "waiting for the others' tensor servers",
+            "all-reduce",
+            "finishing",
+        ];
+        let what = || {
+            let at = phase.load(std::sync::atomic::Ordering::SeqCst);
+            format!(
+                "collective {call} (stuck in burn-collective's {})",
+                PHASES[at.min(4)]
+            )
+        };
+        match wait_on(&rx, self.world.rank, self.timeout, &self.liveness, what)? {
+            Ok(sum) => {
+                // Nobody registers for the next collective before every rank has
+                // finished this one: burn-collective's orchestrator counts a rank still
+                // registered for the last one as registered for the next and answers
+                // early with that rank's old address.
+                self.liveness
+                    .barrier(call + 1, self.world.world_size, self.timeout)?;
+                Ok(sum)
             }
+            Err(e) => Err(self.explain(e)),
         }
     }
 
@@ -348,6 +335,39 @@ impl<B: Backend> Comm<B> {
     /// Stop waiting for the run's end: connections closing from now on are not errors.
     pub fn finish(&self) {
         self.liveness.finish();
+    }
+}
+
+/// The answer of a worker thread running a collective step, or an error once the
+/// liveness fails or `timeout` passes (then every rank is told). `what` names the step
+/// for the timeout's message.
+pub(super) fn wait_on<T>(
+    rx: &mpsc::Receiver<T>,
+    rank: usize,
+    timeout: Duration,
+    liveness: &Liveness,
+    what: impl Fn() -> String,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(v) => return Ok(v),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("rank {rank}: the thread running {} died", what())
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                liveness.check()?;
+                if start.elapsed() > timeout {
+                    let reason = format!(
+                        "rank {rank}: {} waited {} s for the other ranks (one rank is stuck or too slow: raise train.dist_timeout_s if steps are that long)",
+                        what(),
+                        timeout.as_secs()
+                    );
+                    liveness.fail(reason.clone());
+                    bail!("{reason}");
+                }
+            }
+        }
     }
 }
 

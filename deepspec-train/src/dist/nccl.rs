@@ -17,6 +17,7 @@
 //!   communicator (`ncclCommAbort`, which releases the kernels waiting on the other
 //!   ranks) and returns an error, which ends the process.
 
+use super::collective::wait_on;
 use super::rendezvous::Liveness;
 use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
@@ -31,7 +32,7 @@ use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::{result as nccl, sys};
 use std::any::Any;
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 type Runtime = FusionCubeRuntime<CudaRuntime>;
 /// The backend under burn-cuda's fusion layer; its float type does not matter here (the
@@ -131,13 +132,9 @@ impl Nccl {
             })();
             tx.send(joined).ok();
         });
-        let comm = wait(
-            &rx,
-            rank,
-            timeout,
-            &liveness,
-            "joining the NCCL communicator",
-        )??;
+        let comm = wait_on(&rx, rank, timeout, &liveness, || {
+            "joining the NCCL communicator".into()
+        })??;
         Ok(Nccl {
             comm,
             stream,
@@ -206,13 +203,9 @@ impl Nccl {
             })();
             tx.send(done).ok();
         });
-        wait(
-            &rx,
-            self.rank,
-            self.timeout,
-            &self.liveness,
-            "an NCCL all-reduce",
-        )
+        wait_on(&rx, self.rank, self.timeout, &self.liveness, || {
+            "an NCCL all-reduce".into()
+        })
         .and_then(|r| r)
         .inspect_err(|_| self.abort())?;
         drop(resource);
@@ -238,36 +231,6 @@ impl Nccl {
         // SAFETY: abort is the one call NCCL allows while another is blocked.
         unsafe {
             nccl::comm_abort(self.comm.get()).ok();
-        }
-    }
-}
-
-/// The worker's answer, or an error once the liveness fails or `timeout` passes.
-fn wait<T>(
-    rx: &mpsc::Receiver<T>,
-    rank: usize,
-    timeout: Duration,
-    liveness: &Liveness,
-    what: &str,
-) -> anyhow::Result<T> {
-    let start = Instant::now();
-    loop {
-        match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(v) => return Ok(v),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                bail!("rank {rank}: the thread running {what} died")
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                liveness.check()?;
-                if start.elapsed() > timeout {
-                    let reason = format!(
-                        "rank {rank}: {what} waited {} s for the other ranks (one is stuck or too slow: raise train.dist_timeout_s if steps are that long)",
-                        timeout.as_secs()
-                    );
-                    liveness.fail(reason.clone());
-                    bail!("{reason}");
-                }
-            }
         }
     }
 }
