@@ -1,6 +1,7 @@
 //! Data-parallel `deepspec train` on the CPU over loopback: two ranks train the model one
 //! rank trains (same global batch), a killed rank stops the other and the run resumes
-//! bit-exactly, a two-rank checkpoint continues on one rank, and the rendezvous' errors.
+//! bit-exactly, a two-rank checkpoint continues on one rank, the rendezvous' errors, and
+//! every server listens on the given address only.
 
 use deepspec_core::fixtures::{golden_dir, workspace_root};
 use deepspec_core::io::safetensors::SafetensorsFile;
@@ -195,8 +196,8 @@ fn two_ranks_train_what_one_rank_trains() {
 fn a_killed_rank_stops_the_other_and_the_run_resumes_bit_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let (recipe, cache) = setup(dir.path());
-    // Few collectives (16 steps, metrics every 8): burn-collective 0.21 hangs on about
-    // one collective in ten thousand (docs/distributed.md, "A rare hang").
+    // 16 steps (enough to kill a rank mid-run) with metrics every 8 (fewer collectives,
+    // a quicker test).
     let long = [
         "--set",
         "train.max_train_steps=16",
@@ -390,4 +391,75 @@ fn a_named_engine_in_a_world_of_one_trains_what_a_plain_run_trains() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("needs a CUDA device"), "{stderr}");
+}
+
+/// The listening TCP sockets on ports `ports` right now: (port, local address as
+/// /proc/net/tcp{,6} writes it, hex).
+#[cfg(target_os = "linux")]
+fn listeners(ports: std::ops::Range<u16>) -> Vec<(u16, String)> {
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (fields.get(1), fields.get(3)) else {
+                continue;
+            };
+            let Some((addr, port)) = local.split_once(':') else {
+                continue;
+            };
+            let port = u16::from_str_radix(port, 16).unwrap();
+            if *state == "0A" && ports.contains(&port) {
+                found.push((port, addr.to_owned()));
+            }
+        }
+    }
+    found
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn every_server_listens_on_the_given_address_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (recipe, cache) = setup(dir.path());
+    let base = free_ports();
+    let port = base.to_string();
+    let out = dir.path().join("out");
+    let args = train_args(
+        &recipe,
+        &cache,
+        &out,
+        &[
+            "--set",
+            "train.max_train_steps=8",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            &port,
+        ],
+    );
+    let mut run = deepspec(&args, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    while run.try_wait().unwrap().is_none() {
+        seen.extend(listeners(base..base + 6));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(run.wait().unwrap().success());
+    // The orchestrator (base + 1, the whole run) and tensor servers (base + 2.., during
+    // collectives) were seen listening (the rendezvous, base, closes once the ranks have
+    // joined and may be missed), all on 127.0.0.1 (--nproc-per-node's MASTER_ADDR):
+    // 0100007F.
+    let ports: std::collections::BTreeSet<u16> = seen.iter().map(|(p, _)| *p).collect();
+    assert!(ports.contains(&(base + 1)), "{seen:?}");
+    assert!(ports.iter().any(|&p| p >= base + 2), "{seen:?}");
+    assert!(
+        seen.iter().all(|(_, addr)| addr == "0100007F"),
+        "a server listened beyond 127.0.0.1: {seen:?}"
+    );
 }

@@ -49,7 +49,9 @@ fn engine_choice() -> anyhow::Result<Option<&'static str>> {
 
 struct Burn {
     configs: [CollectiveConfig; 2],
-    /// This rank's two tensor server ports, and every other rank's `host:port` pairs.
+    /// This rank's host (its tensor servers listen there only), its two tensor server
+    /// ports, and every other rank's `host:port` pairs.
+    host: String,
     own: [u16; 2],
     others: Vec<[String; 2]>,
 }
@@ -177,6 +179,7 @@ impl<B: Backend> Comm<B> {
             world: world.clone(),
             engine: Engine::Burn(Box::new(Burn {
                 configs,
+                host: host.clone(),
                 own,
                 others,
             })),
@@ -203,7 +206,7 @@ impl<B: Backend> Comm<B> {
     /// Element-wise sum of `tensor` over every rank, returned to every rank. Fails (on
     /// every rank) when a rank is gone or the others do not arrive within the timeout.
     pub fn all_reduce_sum(&self, tensor: Tensor<B, 1>) -> anyhow::Result<Tensor<B, 1>> {
-        let (config, own, others, call) = match &self.engine {
+        let (config, own_host, own, others, call) = match &self.engine {
             Engine::Solo => return Ok(tensor),
             #[cfg(feature = "cuda")]
             Engine::Nccl(nccl) => {
@@ -214,7 +217,8 @@ impl<B: Backend> Comm<B> {
                 let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let i = (call % 2) as usize;
                 let others: Vec<String> = burn.others.iter().map(|o| o[i].clone()).collect();
-                (burn.configs[i].clone(), burn.own[i], others, call)
+                let config = burn.configs[i].clone();
+                (config, burn.host.clone(), burn.own[i], others, call)
             }
         };
         self.liveness.check()?;
@@ -234,7 +238,7 @@ impl<B: Backend> Comm<B> {
                 // connection panics it), so this does both: every rank's old server is
                 // gone before it registers, hence a listening port after registration is
                 // the new server.
-                port_released(own)?;
+                port_released(&own_host, own)?;
                 step(1);
                 burn_collective::register::<B>(peer, device, config)
                     .map_err(|e| fail("register", e))?;
@@ -392,12 +396,12 @@ fn warn_if_ephemeral(master_port: u16) {
     }
 }
 
-/// Waits until this rank's tensor server `port` can be bound again (its last server
+/// Waits until this rank's tensor server `host:port` can be bound again (its last server
 /// closed).
-fn port_released(port: u16) -> anyhow::Result<()> {
+fn port_released(host: &str, port: u16) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        match std::net::TcpListener::bind(("0.0.0.0", port)) {
+        match std::net::TcpListener::bind((host, port)) {
             Ok(_) => return Ok(()),
             Err(e) if start.elapsed() > Duration::from_secs(10) => bail!(
                 "port {port} (a tensor server port, MASTER_PORT + 2 + 2 LOCAL_RANK or the next) stayed busy for 10 s: {e}; another program holds it, so pick another MASTER_PORT (or --master-port)"
@@ -437,9 +441,10 @@ fn quiet_collective_logs() {
 /// Starts burn-collective's orchestrator on rank 0 and waits until it accepts connections.
 fn start_orchestrator(host: &str, port: u16, timeout: Duration) -> anyhow::Result<()> {
     // It would return at once on a port in use, which reads like the signal below.
-    if let Err(e) = std::net::TcpListener::bind(("0.0.0.0", port)) {
+    if let Err(e) = std::net::TcpListener::bind((host, port)) {
         bail!("rank 0: the collective orchestrator's port {port} (MASTER_PORT + 1) is in use: {e}; choose another MASTER_PORT (or --master-port)");
     }
+    let on = host.to_owned();
     std::thread::Builder::new()
         .name("collective-orchestrator".into())
         .spawn(move || {
@@ -448,7 +453,7 @@ fn start_orchestrator(host: &str, port: u16, timeout: Duration) -> anyhow::Resul
                 .enable_all()
                 .build()
                 .expect("a tokio runtime for the collective orchestrator");
-            runtime.block_on(burn_collective::start_global_orchestrator(port));
+            runtime.block_on(burn_collective::start_global_orchestrator_on(&on, port));
             // It returns on SIGINT or SIGTERM, which it caught for the whole process:
             // the process stops as the signal meant.
             eprintln!("deepspec train: interrupted");
