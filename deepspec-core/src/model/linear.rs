@@ -37,7 +37,7 @@ impl<B: Backend> Linear<B> {
         );
         let rows = dims[..D - 1].iter().product::<usize>();
         let flat: Tensor<B, 2> = x.reshape([rows, in_features]);
-        let mut y = flat.matmul(self.weight.val().transpose());
+        let mut y = super::small_matmul::matmul_wt(flat, self.weight.val());
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze::<2>();
         }

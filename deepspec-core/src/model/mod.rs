@@ -12,6 +12,7 @@ pub mod load;
 pub mod mlp;
 pub mod norm;
 pub mod rope;
+pub mod small_matmul;
 pub mod transformer;
 pub mod v4;
 

@@ -180,10 +180,11 @@ impl<B: Backend> TargetModel<B> {
             None => {
                 let [batch, seq, h] = hidden.dims();
                 let vocab = self.embed_tokens.dims()[0];
-                hidden
-                    .reshape([batch * seq, h])
-                    .matmul(self.embed_tokens.val().transpose())
-                    .reshape([batch, seq, vocab])
+                super::small_matmul::matmul_wt(
+                    hidden.reshape([batch * seq, h]),
+                    self.embed_tokens.val(),
+                )
+                .reshape([batch, seq, vocab])
             }
         }
     }
