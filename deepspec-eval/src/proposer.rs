@@ -47,31 +47,46 @@ pub trait Proposer<B: Backend> {
     fn update(&mut self, features: Tensor<B, 3>, committed: &[u32], start: usize);
 }
 
-/// The token drawn from draft logits `[V]` on the device at `temperature`, its
-/// distribution (one-hot when greedy) and the top-1 minus top-2 logit margin. Greedy reads
-/// back one id and two logits; sampling reads the row it samples from.
+/// The token drawn from draft logits `[V]` at `temperature`, its distribution (one-hot when
+/// greedy) and the top-1 minus top-2 logit margin. The row is read back once and scanned on
+/// the host: burn-flex's `topk` sorts the whole vocabulary, which cost more than the rest
+/// of a drafted slot on the CPU.
 fn pick<B: Backend>(
     logits: Tensor<B, 1>,
     temperature: f32,
     sampler: &mut dyn Sampler,
 ) -> (u32, Vec<f64>, f32) {
-    let vocab = logits.dims()[0];
-    let top2 = deepspec_core::model::to_host(logits.clone().topk(2.min(vocab), 0)).data;
-    let margin = if top2.len() == 2 {
-        top2[0] - top2[1]
-    } else {
-        f32::INFINITY
-    };
+    let row = deepspec_core::model::to_host(logits).data;
+    let (first, margin) = top1_and_margin(&row);
     if is_greedy(temperature) {
-        let token = deepspec_core::model::host_ints(logits.argmax(0))[0] as u32;
-        let mut p = vec![0.0; vocab];
-        p[token as usize] = 1.0;
-        (token, p, margin)
+        let mut p = vec![0.0; row.len()];
+        p[first] = 1.0;
+        (first as u32, p, margin)
     } else {
-        let row = deepspec_core::model::to_host(logits).data;
         let p = probs(&row, temperature);
         (sampler.sample(&p), p, margin)
     }
+}
+
+/// The index of the largest value (the first of equal ones, as `argmax` takes it) and its
+/// lead over the second largest (infinite for one value).
+fn top1_and_margin(row: &[f32]) -> (usize, f32) {
+    let (mut best, mut top, mut second) = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (i, &v) in row.iter().enumerate() {
+        if v > top {
+            second = top;
+            top = v;
+            best = i;
+        } else if v > second {
+            second = v;
+        }
+    }
+    let margin = if row.len() >= 2 {
+        top - second
+    } else {
+        f32::INFINITY
+    };
+    (best, margin)
 }
 
 pub struct DSparkProposer<'m, B: Backend> {
@@ -248,4 +263,32 @@ impl<B: Backend> Proposer<B> for NoDraft {
     }
 
     fn update(&mut self, _features: Tensor<B, 3>, _committed: &[u32], _start: usize) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top1_and_margin;
+    use burn::tensor::{Tensor, TensorData};
+    use deepspec_core::backend::Cpu;
+
+    #[test]
+    fn the_host_scan_agrees_with_the_device_argmax_and_topk() {
+        let device = Default::default();
+        let rows: [&[f32]; 4] = [
+            &[0.5, 2.0, -1.0, 1.5],
+            &[3.0, 1.0, 3.0, 2.0],
+            &[-4.0, -2.0, -3.0],
+            &[1.0, 5.0, 4.5, 5.0, -2.0],
+        ];
+        for row in rows {
+            let t =
+                Tensor::<Cpu, 1>::from_data(TensorData::new(row.to_vec(), [row.len()]), &device);
+            let argmax = deepspec_core::model::host_ints(t.clone().argmax(0))[0] as usize;
+            let top = deepspec_core::model::to_host(t.topk(2, 0)).data;
+            assert_eq!(top1_and_margin(row), (argmax, top[0] - top[1]), "{row:?}");
+        }
+        // burn's topk wants more than k values.
+        assert_eq!(top1_and_margin(&[7.0]), (0, f32::INFINITY));
+        assert_eq!(top1_and_margin(&[1.0, 1.0]), (0, 0.0));
+    }
 }

@@ -161,9 +161,7 @@ fn times_transposed<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>
     let rows: usize = dims[..D - 1].iter().product();
     let mut out = dims;
     out[D - 1] = w.dims()[0];
-    x.reshape([rows, dims[D - 1]])
-        .matmul(w.transpose())
-        .reshape(out)
+    crate::model::small_matmul::matmul_wt(x.reshape([rows, dims[D - 1]]), w).reshape(out)
 }
 
 /// What the block-drafter training loss needs from a drafter: its training forward over
