@@ -440,9 +440,11 @@ fn every_server_listens_on_the_given_address_only() {
             &port,
         ],
     );
+    // Its stderr goes to a file: a pipe nobody reads while polling could fill and stall it.
+    let log = dir.path().join("stderr.log");
     let mut run = deepspec(&args, &[])
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let mut seen = std::collections::BTreeSet::new();
@@ -450,7 +452,11 @@ fn every_server_listens_on_the_given_address_only() {
         seen.extend(listeners(base..base + 6));
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert!(run.wait().unwrap().success());
+    assert!(
+        run.wait().unwrap().success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     // The orchestrator (base + 1, the whole run) and tensor servers (base + 2.., during
     // collectives) were seen listening (the rendezvous, base, closes once the ranks have
     // joined and may be missed), all on 127.0.0.1 (--nproc-per-node's MASTER_ADDR):
